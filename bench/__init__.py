@@ -1,0 +1,1 @@
+"""`ternary-bench` and the pytest-benchmark kernel suite."""

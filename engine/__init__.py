@@ -1,0 +1,1 @@
+"""Inference engine: weight layouts, Numba kernels, forward pass, sampling, the Engine API and `ternary-run`."""

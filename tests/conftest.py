@@ -1,0 +1,47 @@
+"""Shared fixtures: where ../shared (oracle GGUFs, vocab files, spec) lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _find_shared() -> Path:
+    candidates = [os.environ.get("TERNARY_SHARED"), REPO / "shared", REPO.parent / "shared"]
+    for c in candidates:
+        if c and (Path(c) / "oracle").is_dir():
+            return Path(c)
+    raise RuntimeError(
+        "cannot find the shared/ folder (oracle GGUFs, vocab files): expected it beside the checkout "
+        f"({REPO.parent / 'shared'}) or set TERNARY_SHARED"
+    )
+
+
+SHARED = _find_shared()
+ORACLE = SHARED / "oracle"
+VOCAB = SHARED / "vocab"
+ORACLE_MODELS = [
+    "tiny-tq2_0-f16",
+    "tiny-tq1_0-q6k",
+    "tiny-tq2_0-scaletensors-q8",
+    "tiny-tq2_0-blockscales-f16",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def oracle_dir() -> Path:
+    return ORACLE
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    return VOCAB

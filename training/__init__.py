@@ -1,0 +1,1 @@
+"""Torch-free trainer: NumPy on CPU, numba.cuda on GPU; export to GGUF."""
