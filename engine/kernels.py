@@ -1,0 +1,249 @@
+"""Reference Numba kernels: clear loops, exact integer dot products, parallel over output rows.
+
+Every kernel is a top-level ``@njit(cache=True)`` function (one in a closure misses the on-disk cache).
+Float arithmetic follows llama.cpp's CPU path where that matters for matching its numbers: float32 products
+and sums, a float64 sum of squares in RMSNorm and of the exponentials in softmax, Q8_K rounding half to even.
+Constants are spelled ``np.float32(...)`` on purpose: a bare float literal would promote the math to float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# ---------------------------------------------------------------- activation quantizers
+
+
+@njit(cache=True)
+def quantize_q8k_rows(x, q, d):
+    """llama.cpp's ``quantize_row_q8_K_ref`` on every row of ``x`` float32[T, K] (K % 256 == 0).
+
+    Per 256-block: ``max`` is the first element with the largest |x| (keeping its sign),
+    ``iscale = -127/max``, ``q = min(127, round_half_even(iscale*x))``, ``d = 1/iscale``; an all-zero block
+    gets d = 0, q = 0.
+    """
+    n_tok, k = x.shape
+    for t in range(n_tok):
+        for b in range(k // 256):
+            k0 = b * 256
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(k0, k0 + 256):
+                a = abs(x[t, j])
+                if a > amax:
+                    amax = a
+                    vmax = x[t, j]
+            if amax == np.float32(0.0):
+                d[t, b] = np.float32(0.0)
+                for j in range(k0, k0 + 256):
+                    q[t, j] = 0
+                continue
+            iscale = np.float32(-127.0) / vmax
+            for j in range(k0, k0 + 256):
+                v = np.rint(iscale * x[t, j])
+                q[t, j] = min(127, int(v))
+            d[t, b] = np.float32(1.0) / iscale
+
+
+@njit(cache=True)
+def quantize_per_token_rows(x, q, d):
+    """BitNet's absmax quantizer, one scale per row: ``s = 127/max|x|``, ``q = clamp(round(x*s), -128, 127)``.
+
+    ``d[t, 0] = 1/s`` so that ``x ≈ q*d`` as in every other quantizer here; an all-zero row gets d = 0, q = 0.
+    """
+    n_tok, k = x.shape
+    for t in range(n_tok):
+        amax = np.float32(0.0)
+        for j in range(k):
+            amax = max(amax, abs(x[t, j]))
+        if amax == np.float32(0.0):
+            d[t, 0] = np.float32(0.0)
+            for j in range(k):
+                q[t, j] = 0
+            continue
+        s = np.float32(127.0) / amax
+        for j in range(k):
+            v = int(np.rint(x[t, j] * s))
+            q[t, j] = min(127, max(-128, v))
+        d[t, 0] = np.float32(1.0) / s
+
+
+# ---------------------------------------------------------------- integer matmuls
+
+
+@njit(parallel=True, cache=True)
+def block_scaled_matmul(codes, w_scale, w_block, xq, x_scale, x_block, out):
+    """``out[t, n] = Σ_segments (Σ codes[n,k]·xq[t,k]) · (w_scale · x_scale)``, summed in float32.
+
+    ``codes`` int8[N, K] (ternary or any int8 codes), ``w_scale`` float32[N, K // w_block], ``xq`` int8[T, K],
+    ``x_scale`` float32[T, K // x_block]. A segment is ``min(w_block, x_block)`` long (one block divides the
+    other); inside it the dot product is an exact int32 sum. Parallel over output rows.
+    """
+    n_out, k = codes.shape
+    n_tok = xq.shape[0]
+    seg = min(w_block, x_block)
+    for n in prange(n_out):
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for k0 in range(0, k, seg):
+                isum = np.int32(0)
+                for j in range(k0, k0 + seg):
+                    isum += np.int32(codes[n, j]) * np.int32(xq[t, j])
+                scale = w_scale[n, k0 // w_block] * x_scale[t, k0 // x_block]
+                acc += np.float32(isum) * scale
+            out[t, n] = acc
+
+
+@njit(parallel=True, cache=True)
+def q6k_matmul(codes, sub_scales, d, xq, x_scale, out):
+    """Q6_K weights × Q8_K activations as llama.cpp's ``vec_dot_q6_K_q8_K``.
+
+    ``codes`` int8[N, K] in [-32, 31], ``sub_scales`` int8[N, K/16], ``d`` float32[N, K/256]; per 256-block
+    the integer ``Σ_j sub_scale_j · Σ_16 code·xq`` is exact and is multiplied by ``d_w·d_x`` in float32.
+    """
+    n_out, k = codes.shape
+    n_tok = xq.shape[0]
+    for n in prange(n_out):
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(k // 256):
+                isum = np.int32(0)
+                for g in range(16):
+                    k0 = b * 256 + g * 16
+                    gsum = np.int32(0)
+                    for j in range(k0, k0 + 16):
+                        gsum += np.int32(codes[n, j]) * np.int32(xq[t, j])
+                    isum += np.int32(sub_scales[n, b * 16 + g]) * gsum
+                acc += (d[n, b] * x_scale[t, b]) * np.float32(isum)
+            out[t, n] = acc
+
+
+@njit(cache=True)
+def _f16_bits_to_f32(h, pow2):
+    """IEEE half bits → float32 for finite values (``pow2[e] = 2**(max(e, 1) - 25)``): exact, branch-light."""
+    e = (h >> 10) & 0x1F
+    m = np.int32(h & 0x3FF)
+    if e != 0:
+        m += 1024
+    v = np.float32(m) * pow2[e]
+    return -v if h & 0x8000 else v
+
+
+@njit(parallel=True, cache=True)
+def f16_matmul(x, w_bits, pow2, out):
+    """``out[t, n] = Σ_k x[t,k]·w[n,k]`` with ``w`` given as float16 bit patterns (uint16[N, K]).
+
+    ``x`` float32[T, K] (the caller rounds it to float16 first, as llama.cpp does); float32 accumulation.
+    """
+    n_out, k = w_bits.shape
+    n_tok = x.shape[0]
+    for n in prange(n_out):
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for j in range(k):
+                acc += x[t, j] * _f16_bits_to_f32(w_bits[n, j], pow2)
+            out[t, n] = acc
+
+
+# ---------------------------------------------------------------- norms, RoPE, FFN gate
+
+
+@njit(cache=True)
+def rms_norm_rows(x, weight, eps, out):
+    """ggml's ``rms_norm`` then ``mul``: ``y = x · (1/sqrt(mean(x²) + eps)) · weight`` (Σx² in float64)."""
+    n_tok, k = x.shape
+    for t in range(n_tok):
+        ss = 0.0
+        for j in range(k):
+            sq = x[t, j] * x[t, j]
+            ss += np.float64(sq)
+        mean = np.float32(ss / k)
+        scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+        for j in range(k):
+            out[t, j] = (x[t, j] * scale) * weight[j]
+
+
+@njit(cache=True)
+def apply_rope(x, cos, sin, n_head, head_dim, n_rot, neox):
+    """Rotate the first ``n_rot`` dims of every head of ``x`` float32[T, n_head*head_dim] in place.
+
+    NEOX pairs dims (i, i + n_rot/2), the normal style pairs (2i, 2i+1); ``cos``/``sin`` float32[T, n_rot/2].
+    """
+    n_tok = x.shape[0]
+    half = n_rot // 2
+    for t in range(n_tok):
+        for h in range(n_head):
+            base = h * head_dim
+            for i in range(half):
+                if neox:
+                    a = base + i
+                    b = base + i + half
+                else:
+                    a = base + 2 * i
+                    b = a + 1
+                x0 = x[t, a]
+                x1 = x[t, b]
+                c = cos[t, i]
+                s = sin[t, i]
+                x[t, a] = x0 * c - x1 * s
+                x[t, b] = x0 * s + x1 * c
+
+
+@njit(cache=True)
+def gated_ffn(gate, up, relu2, out):
+    """``out = act(gate) · up`` with act = SiLU (``g / (1 + exp(-g))``) or ReLU² (``max(g, 0)²``)."""
+    n_tok, k = gate.shape
+    for t in range(n_tok):
+        for j in range(k):
+            g = gate[t, j]
+            if relu2:
+                r = max(g, np.float32(0.0))
+                a = r * r
+            else:
+                a = g / (np.float32(1.0) + np.exp(-g))
+            out[t, j] = a * up[t, j]
+
+
+# ---------------------------------------------------------------- attention over the slot KV cache
+
+
+@njit(parallel=True, cache=True)
+def attention(q, k_cache, v_cache, slots, positions, n_head, head_dim, scale, out):
+    """Causal GQA attention of every query row over its own slot's cached keys 0..position.
+
+    ``q`` float32[T, n_head*head_dim]; ``k_cache``/``v_cache`` float32[n_slots, n_ctx, n_head_kv, head_dim]
+    (one layer); query head h reads KV head ``h // (n_head / n_head_kv)``. Scores ``(k·q)·scale`` in float32,
+    softmax with the exponentials summed in float64 (as ggml). Parallel over (token, head) pairs.
+    """
+    n_tok = q.shape[0]
+    n_head_kv = k_cache.shape[2]
+    group = n_head // n_head_kv
+    scale32 = np.float32(scale)
+    for th in prange(n_tok * n_head):
+        t = th // n_head
+        h = th % n_head
+        kvh = h // group
+        s = slots[t]
+        n_keys = positions[t] + 1
+        qo = h * head_dim
+        scores = np.empty(n_keys, dtype=np.float32)
+        vmax = np.float32(-np.inf)
+        for j in range(n_keys):
+            acc = np.float32(0.0)
+            for e in range(head_dim):
+                acc += k_cache[s, j, kvh, e] * q[t, qo + e]
+            acc = acc * scale32
+            scores[j] = acc
+            vmax = max(vmax, acc)
+        total = 0.0
+        for j in range(n_keys):
+            p = np.exp(scores[j] - vmax)
+            scores[j] = p
+            total += np.float64(p)
+        inv = np.float32(1.0 / total)
+        for e in range(head_dim):
+            out[t, qo + e] = np.float32(0.0)
+        for j in range(n_keys):
+            w = scores[j] * inv
+            for e in range(head_dim):
+                out[t, qo + e] += w * v_cache[s, j, kvh, e]

@@ -1,0 +1,206 @@
+"""The BitNet b1.58 forward pass (llama.cpp's ``bitnet`` graph) over a slot-based KV cache.
+
+``Transformer.forward(tokens, positions, slots)`` serves a whole prompt of one slot, one decode token, or a
+batch of decode tokens from different slots alike: every token carries its own slot and position. Per layer:
+RMSNorm → Q/K/V (ternary, optional ``.scale``) → RoPE → causal GQA attention → attn sub-norm → O → residual →
+RMSNorm → gate/up → SiLU or ReLU² gate → ffn sub-norm → down → residual; then the final norm and the head.
+The int8 activations of a norm's output are computed once and shared by the matmuls that read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ternary.engine import activations, kernels
+from ternary.engine.kv_cache import KVCache
+from ternary.engine.weights import DenseMatrix, TernaryMatrix
+
+FFN_ACTS = ("silu", "relu2")
+
+
+@dataclass
+class Linear:
+    """A ternary matmul and the optional scalar ``<name>.scale`` that multiplies its output."""
+
+    matrix: TernaryMatrix
+    scale: float | None = None
+
+    def __call__(self, xq: np.ndarray, x_scale: np.ndarray) -> np.ndarray:
+        out = np.empty((xq.shape[0], self.matrix.n_out), dtype=np.float32)
+        self.matrix.matmul(xq, x_scale, out)
+        if self.scale is not None:
+            out *= np.float32(self.scale)
+        return out
+
+
+@dataclass
+class Layer:
+    """One transformer block's weights (norm weights float32[n], linears as ``Linear``)."""
+
+    attn_norm: np.ndarray
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    attn_sub_norm: np.ndarray
+    wo: Linear
+    ffn_norm: np.ndarray
+    w_gate: Linear
+    w_up: Linear
+    ffn_sub_norm: np.ndarray
+    w_down: Linear
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    out = np.empty_like(x)
+    kernels.rms_norm_rows(x, weight, eps, out)
+    return out
+
+
+def rope_tables(positions: np.ndarray, n_rot: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin float32[T, n_rot/2] of ``theta_i = pos · base^(-2i/n_rot)``.
+
+    Computed as ggml does (``theta`` starts at the float position and is multiplied by ``theta_scale`` in
+    float32 once per pair), so long positions carry the same rounding as llama.cpp's.
+    """
+    theta_scale = np.float32(float(base) ** (-2.0 / n_rot))
+    theta = positions.astype(np.float32)
+    half = n_rot // 2
+    cos = np.empty((positions.shape[0], half), dtype=np.float32)
+    sin = np.empty_like(cos)
+    for i in range(half):
+        cos[:, i] = np.cos(theta)
+        sin[:, i] = np.sin(theta)
+        theta = theta * theta_scale
+    return cos, sin
+
+
+class Transformer:
+    """Weights + config + KV cache; ``forward`` evaluates a batch of (token, position, slot) triples."""
+
+    def __init__(
+        self,
+        config: Any,
+        embedding: DenseMatrix,
+        head: DenseMatrix,
+        layers: Sequence[Layer],
+        output_norm: np.ndarray,
+        *,
+        n_slots: int = 1,
+        n_ctx: int | None = None,
+        act_quant: str = "q8k",
+        ffn_act: str | None = None,
+    ) -> None:
+        self.config = config
+        self.embedding = embedding
+        self.head = head
+        self.layers = list(layers)
+        self.output_norm = np.ascontiguousarray(output_norm, dtype=np.float32)
+        self.act_quant = activations.normalize_mode(act_quant)
+        self.ffn_act = ffn_act or config.ffn_act
+        if self.ffn_act not in FFN_ACTS:
+            raise ValueError(f"unknown FFN activation {self.ffn_act!r}: expected silu or relu2")
+        if config.n_head % config.n_head_kv:
+            raise ValueError(f"n_head {config.n_head} is not a multiple of n_head_kv {config.n_head_kv}")
+        if len(self.layers) != config.n_layer:
+            raise ValueError(f"got {len(self.layers)} layers, the config says {config.n_layer}")
+        n_ctx = int(n_ctx or config.n_ctx_train)
+        self.cache = KVCache(config.n_layer, n_slots, n_ctx, config.n_head_kv, config.head_dim)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.n_ctx
+
+    @property
+    def n_slots(self) -> int:
+        return self.cache.n_slots
+
+    def reset_slot(self, slot: int) -> None:
+        self.cache.reset(slot)
+
+    def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return activations.quantize(x, self.act_quant)
+
+    def forward(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        positions: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
+        logits_for: Sequence[bool] | np.ndarray | None = None,
+        trace: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Logits float32[n_rows, n_vocab] for every token, or only where ``logits_for`` is true.
+
+        K/V of every token are written at (its slot, its position); each token attends to positions 0..its
+        own of its slot. ``trace``, if given, receives llama.cpp-named intermediates (``attn_norm-0``, ...).
+        """
+        cfg = self.config
+        tokens = np.asarray(tokens, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int32)
+        slots = np.asarray(slots, dtype=np.int32)
+        if tokens.ndim != 1 or tokens.shape != positions.shape or tokens.shape != slots.shape:
+            raise ValueError(
+                f"tokens {tokens.shape}, positions {positions.shape}, slots {slots.shape}: "
+                "expected 1-D arrays of the same length"
+            )
+        if tokens.size == 0:
+            raise ValueError("empty batch: no tokens to evaluate")
+        if tokens.min() < 0 or tokens.max() >= self.embedding.n_out:
+            raise ValueError(
+                f"token ids must be in [0, {self.embedding.n_out}), got {tokens.min()}..{tokens.max()}"
+            )
+        self.cache.check_batch(positions, slots)
+        if logits_for is not None:
+            logits_for = np.asarray(logits_for, dtype=bool)
+            if logits_for.shape != tokens.shape:
+                raise ValueError(f"logits_for has shape {logits_for.shape}, expected {tokens.shape}")
+
+        def record(name: str, value: np.ndarray) -> None:
+            if trace is not None:
+                trace[name] = value.copy()
+
+        n_tok = tokens.shape[0]
+        hd, eps = cfg.head_dim, cfg.rms_eps
+        cos, sin = rope_tables(positions, cfg.rope_dim, cfg.rope_base)
+        kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(hd)))
+        relu2 = self.ffn_act == "relu2"
+
+        x = np.ascontiguousarray(self.embedding.rows(tokens), dtype=np.float32)
+        record("embd", x)
+        for il, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, eps)
+            record(f"attn_norm-{il}", h)
+            hq = self._quantize(h)
+            q, k, v = layer.wq(*hq), layer.wk(*hq), layer.wv(*hq)
+            kernels.apply_rope(q, cos, sin, cfg.n_head, hd, cfg.rope_dim, cfg.rope_neox)
+            kernels.apply_rope(k, cos, sin, cfg.n_head_kv, hd, cfg.rope_dim, cfg.rope_neox)
+            k_cache, v_cache = self.cache.k[il], self.cache.v[il]
+            k_cache[slots, positions] = k.reshape(n_tok, cfg.n_head_kv, hd)
+            v_cache[slots, positions] = v.reshape(n_tok, cfg.n_head_kv, hd)
+            a = np.empty_like(q)
+            kernels.attention(q, k_cache, v_cache, slots, positions, cfg.n_head, hd, kq_scale, a)
+            record(f"kqv_out-{il}", a)
+            a = rms_norm(a, layer.attn_sub_norm, eps)
+            record(f"attn_sub_norm-{il}", a)
+            x = x + layer.wo(*self._quantize(a))
+            record(f"ffn_inp-{il}", x)
+
+            h = rms_norm(x, layer.ffn_norm, eps)
+            hq = self._quantize(h)
+            g, u = layer.w_gate(*hq), layer.w_up(*hq)
+            f = np.empty_like(g)
+            kernels.gated_ffn(g, u, relu2, f)
+            record(f"ffn_sub_out-{il}", f)
+            f = rms_norm(f, layer.ffn_sub_norm, eps)
+            record(f"ffn_sub_norm-{il}", f)
+            x = x + layer.w_down(*self._quantize(f))
+            record(f"l_out-{il}", x)
+        self.cache.commit(positions, slots)
+
+        if logits_for is not None:
+            x = np.ascontiguousarray(x[logits_for])
+        y = rms_norm(x, self.output_norm, eps)
+        record("result_norm", y)
+        return self.head.matmul(y)

@@ -1,0 +1,211 @@
+"""Weight layouts the forward pass multiplies with.
+
+* ``TernaryMatrix``: the reference layout of a ternary linear: one int8 code in {-1, 0, +1} per weight
+  (row-major, rows = outputs) and a float32 scale per block of ``block`` weights along the input. Simple and
+  exact; the fast planar layout (``planar.py``) implements the same interface.
+* The token embedding / output head in the formats llama.cpp uses for it (F16, Q8_0, Q6_K, anything else as a
+  float32 fallback), each multiplying with the activation format llama.cpp pairs it with, and able to hand out
+  dequantized rows for the embedding lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+from ternary.engine import activations, kernels
+
+GGML_F32 = 0
+GGML_F16 = 1
+GGML_Q8_0 = 8
+GGML_Q6_K = 14
+
+
+def _owned(a: np.ndarray, dtype: type) -> np.ndarray:
+    """A writable, C-contiguous copy-if-needed (Numba compiles read-only arrays as a separate type)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
+class TernaryMatrix:
+    """Ternary weights ``W[n, k] = codes[n, k] · block_scales[n, k // block]``, one int8 code per weight."""
+
+    def __init__(self, codes: np.ndarray, block_scales: np.ndarray, block: int) -> None:
+        if codes.ndim != 2:
+            raise ValueError(f"ternary codes must be 2-D [n_out, n_in], got shape {codes.shape}")
+        n_out, n_in = codes.shape
+        if block <= 0 or n_in % block:
+            raise ValueError(f"block length {block} does not divide the input length {n_in}")
+        if block_scales.shape != (n_out, n_in // block):
+            raise ValueError(
+                f"block_scales shape {block_scales.shape} does not match codes {codes.shape}, block {block}"
+            )
+        codes = _owned(codes, np.int8)
+        if codes.size and int(np.abs(codes).max()) > 1:
+            raise ValueError("ternary codes must be -1, 0 or +1")
+        self.codes = codes
+        self.block_scales = _owned(block_scales, np.float32)
+        self.block = int(block)
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, block_scales: np.ndarray, block: int) -> TernaryMatrix:
+        return cls(codes, block_scales, block)
+
+    @property
+    def n_out(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def n_in(self) -> int:
+        return self.codes.shape[1]
+
+    def matmul(self, xq: np.ndarray, x_scale: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out[t, n] = Σ_blocks (Σ codes·xq) · w_scale · x_scale`` (exact integer dots, float32 sum)."""
+        n_tok = xq.shape[0]
+        if xq.shape != (n_tok, self.n_in) or xq.dtype != np.int8:
+            raise ValueError(f"activations must be int8[T, {self.n_in}], got {xq.dtype}{list(xq.shape)}")
+        if out.shape != (n_tok, self.n_out) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32[{n_tok}, {self.n_out}], got {out.dtype}{list(out.shape)}")
+        n_act_blocks = x_scale.shape[1] if x_scale.ndim == 2 else 0
+        if x_scale.shape[0] != n_tok or n_act_blocks == 0 or self.n_in % n_act_blocks:
+            raise ValueError(f"x_scale shape {x_scale.shape} does not fit activations {xq.shape}")
+        x_block = self.n_in // n_act_blocks
+        if x_block % self.block and self.block % x_block:
+            raise ValueError(f"activation block {x_block} and weight block {self.block}: neither divides")
+        kernels.block_scaled_matmul(self.codes, self.block_scales, self.block, xq, x_scale, x_block, out)
+        return out
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weights (for tests and debugging)."""
+        scales = np.repeat(self.block_scales, self.block, axis=1)
+        return self.codes.astype(np.float32) * scales
+
+
+class DenseMatrix(Protocol):
+    """An embedding / output-head matrix [n_out, n_in]: dequantized rows out, float activations in."""
+
+    n_out: int
+    n_in: int
+
+    def rows(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def matmul(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class F32Matrix:
+    """Float32 weights; the fallback for any type llama.cpp has no special head path for here."""
+
+    def __init__(self, weights: np.ndarray) -> None:
+        self.weights = _owned(weights, np.float32)
+        self.n_out, self.n_in = self.weights.shape
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.weights[ids]
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32) @ self.weights.T
+
+
+_F16_POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
+
+
+class F16Matrix:
+    """Float16 weights kept as their bit patterns; activations rounded to F16, products summed in float32."""
+
+    def __init__(self, bits: np.ndarray) -> None:
+        bits = _owned(bits, np.uint16)
+        if bits.size and np.any((bits >> 10) & 0x1F == 0x1F):
+            raise ValueError("F16 matrix holds inf or NaN values")
+        self.bits = bits
+        self.n_out, self.n_in = bits.shape
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.bits[ids].view(np.float16).astype(np.float32)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        x16 = activations.round_to_f16(x)
+        out = np.empty((x16.shape[0], self.n_out), dtype=np.float32)
+        kernels.f16_matmul(x16, self.bits, _F16_POW2, out)
+        return out
+
+
+class Q8_0Matrix:
+    """Q8_0 weights (int8 codes, a float16 scale per 32); activations quantized to Q8_0 as llama.cpp does."""
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray) -> None:
+        self.codes = _owned(codes, np.int8)
+        self.scales = _owned(scales, np.float32)
+        self.n_out, self.n_in = self.codes.shape
+
+    @classmethod
+    def from_bytes(cls, raw: np.ndarray, shape: tuple[int, int]) -> Q8_0Matrix:
+        n, k = shape
+        blocks = np.asarray(raw, dtype=np.uint8).reshape(n * k // 32, 34)
+        scales = blocks[:, :2].copy().view(np.float16).astype(np.float32).reshape(n, k // 32)
+        codes = blocks[:, 2:].copy().view(np.int8).reshape(n, k)
+        return cls(codes, scales)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        c = self.codes[ids].astype(np.float32)
+        return c * np.repeat(self.scales[ids], 32, axis=1)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        xq, xd = activations.quantize_q8_0(x)
+        out = np.empty((xq.shape[0], self.n_out), dtype=np.float32)
+        kernels.block_scaled_matmul(self.codes, self.scales, 32, xq, xd, 32, out)
+        return out
+
+
+class Q6KMatrix:
+    """Q6_K weights (6-bit codes, int8 scale per 16, float16 scale per 256); activations quantized to Q8_K."""
+
+    def __init__(self, codes: np.ndarray, sub_scales: np.ndarray, d: np.ndarray) -> None:
+        self.codes = _owned(codes, np.int8)
+        self.sub_scales = _owned(sub_scales, np.int8)
+        self.d = _owned(d, np.float32)
+        self.n_out, self.n_in = self.codes.shape
+
+    @classmethod
+    def from_bytes(cls, raw: np.ndarray, shape: tuple[int, int], dequantized: np.ndarray) -> Q6KMatrix:
+        """Take the scales from the 210-byte blocks and recover the codes from the dequantized values.
+
+        A Q6_K value is ``(d · scale) · code`` with |code| ≤ 32, so dividing by ``d · scale`` and rounding
+        gives the code back exactly; this reuses the formats codec instead of repeating its bit unpacking.
+        """
+        n, k = shape
+        blocks = np.asarray(raw, dtype=np.uint8).reshape(n * k // 256, 210)
+        sub_scales = blocks[:, 192:208].copy().view(np.int8).reshape(n, k // 16)
+        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32).reshape(n, k // 256)
+        step = np.repeat(d, 16, axis=1) * sub_scales.astype(np.float32)
+        vals = np.asarray(dequantized, dtype=np.float32).reshape(n, k // 16, 16)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            codes = np.where(step[:, :, None] != 0, np.rint(vals / step[:, :, None]), 0.0)
+        if codes.size and (codes.min() < -32 or codes.max() > 31):
+            raise ValueError("Q6_K codes out of range [-32, 31]: block bytes and dequantized values disagree")
+        return cls(codes.astype(np.int8).reshape(n, k), sub_scales, d)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        step = np.repeat(self.d[ids], 16, axis=1) * self.sub_scales[ids].astype(np.float32)
+        return np.repeat(step, 16, axis=1) * self.codes[ids].astype(np.float32)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        xq, xd = activations.quantize_q8k(x)
+        out = np.empty((xq.shape[0], self.n_out), dtype=np.float32)
+        kernels.q6k_matmul(self.codes, self.sub_scales, self.d, xq, xd, out)
+        return out
+
+
+def dense_matrix(
+    ggml_type: int, raw: np.ndarray, shape: tuple[int, int], dequantize: Callable[[], np.ndarray]
+) -> DenseMatrix:
+    """The embedding/head layout for a tensor of ``ggml_type`` (``dequantize`` is called only if needed)."""
+    if len(shape) != 2:
+        raise ValueError(f"an embedding/head matrix must be 2-D, got shape {shape}")
+    if ggml_type == GGML_F16:
+        return F16Matrix(np.asarray(raw, dtype=np.uint8).view(np.uint16).reshape(shape))
+    if ggml_type == GGML_Q8_0:
+        return Q8_0Matrix.from_bytes(raw, shape)
+    if ggml_type == GGML_Q6_K:
+        return Q6KMatrix.from_bytes(raw, shape, dequantize())
+    return F32Matrix(dequantize())
