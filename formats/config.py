@@ -75,6 +75,11 @@ def normalize_ffn_act(name: str) -> str:
     return act
 
 
+def default_ffn_act(arch: str) -> str:
+    """The activation an architecture computes when the file does not say: what llama.cpp / the fork run."""
+    return _DEFAULT_ACT[arch]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and constants of the model. ``head_dim * n_head`` is the attention width (usually ``n_embd``)."""

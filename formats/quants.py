@@ -107,10 +107,17 @@ _I2S_SHIFTS = np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)
 
 
 def _tq2_codes(blocks: np.ndarray) -> np.ndarray:
-    """(nb, 66) -> (nb, 256) int8: weight 128h + 32n + m is bits 2n of qs[32h + m], minus 1."""
+    """(nb, 66) -> (nb, 256) int8: weight 128h + 32n + m is bits 2n of qs[32h + m], minus 1 (code 3 -> +2)."""
     qs = blocks[:, :64].reshape(-1, 2, 1, 32)
     q = (qs >> _TQ2_SHIFTS) & np.uint8(3)
     return q.reshape(-1, QK_K).view(np.int8) - np.int8(1)
+
+
+def _tq2_ternary_codes(blocks: np.ndarray) -> np.ndarray:
+    codes = _tq2_codes(blocks)
+    if (codes > 1).any():
+        raise ValueError("TQ2_0 code 3 (+2) is not a ternary value (codes are 0, 1, 2 = -1, 0, +1)")
+    return codes
 
 
 def _trits(packed: np.ndarray, pow3: np.ndarray) -> np.ndarray:
@@ -164,7 +171,7 @@ def ternary_codes(
     n_rows, k = shape
     if ggml_type in (TQ1_0, TQ2_0):
         type_size = 54 if ggml_type == TQ1_0 else 66
-        decode = _tq1_codes if ggml_type == TQ1_0 else _tq2_codes
+        decode = _tq1_codes if ggml_type == TQ1_0 else _tq2_ternary_codes
         blocks = raw.reshape(-1, type_size)
         codes = np.empty((blocks.shape[0], QK_K), dtype=np.int8)
         for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
@@ -324,6 +331,87 @@ def _quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), qs], axis=1).reshape(-1)
 
 
+GROUP_MAX_EPS = np.float32(1e-15)
+
+
+def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` for many groups at once.
+
+    x: float32 (G, n). Returns (scale float32 (G,), L int32 (G, n) in [0, 2*nmax)). Sums run sequentially over
+    the n elements in float32, as the C loop does, so the chosen scale matches bit for bit.
+    """
+    n = x.shape[1]
+    amax_idx = np.abs(x).argmax(axis=1)  # first index of the largest |x|, as the strict '>' loop picks
+    xmax = x[np.arange(x.shape[0]), amax_idx]
+    zero = np.abs(xmax) < GROUP_MAX_EPS
+    safe_max = np.where(zero, np.float32(1), xmax).astype(np.float32)
+    w = (x * x).astype(np.float32)
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ls = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = ls.astype(np.float32)
+        sumlx = np.zeros(x.shape[0], dtype=np.float32)
+        suml2 = np.zeros(x.shape[0], dtype=np.float32)
+        for i in range(n):
+            sumlx += w[:, i] * x[:, i] * lf[:, i]
+            suml2 += w[:, i] * lf[:, i] * lf[:, i]
+        return ls, sumlx, suml2
+
+    iscale = (np.float32(-nmax) / safe_max).astype(np.float32)
+    ls, sumlx, suml2 = trial(iscale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, np.float32(0)).astype(np.float32)
+    best = (scale * sumlx).astype(np.float32)
+    labels = ls + nmax
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = (-(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / safe_max).astype(np.float32)
+        ls, sumlx, suml2 = trial(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        labels = np.where(better[:, None], ls + nmax, labels)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_scale = (sumlx / suml2).astype(np.float32)
+        scale = np.where(better, new_scale, scale)
+        best = np.where(better, (new_scale * sumlx).astype(np.float32), best)
+    scale = np.where(zero, np.float32(0), scale).astype(np.float32)
+    labels = np.where(zero[:, None], 0, labels)
+    return scale, labels
+
+
+def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """llama.cpp ``quantize_row_q6_K_ref``: 16 sub-block scales (make_qx_quants) as int8 under one fp16 d."""
+    blocks = _as_blocks(x, QK_K, "Q6_K")
+    nb = blocks.shape[0]
+    sub = blocks.reshape(nb * 16, 16)
+    scales, labels = _make_qx_quants_rmse1(sub, 32)
+    scales = scales.reshape(nb, 16)
+    labels = labels.reshape(nb, QK_K)
+    idx = np.abs(scales).argmax(axis=1)
+    max_scale = scales[np.arange(nb), idx]
+    empty = np.abs(max_scale) < GROUP_MAX_EPS
+    with np.errstate(divide="ignore"):
+        iscale = np.where(empty, np.float32(0), np.float32(-128) / max_scale).astype(np.float32)
+        d_f32 = np.where(empty, np.float32(0), np.float32(1) / iscale).astype(np.float32)
+    d16 = d_f32.astype(np.float16)
+    sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
+    d_sub = (d16.astype(np.float32)[:, None] * sc.astype(np.float32)).astype(np.float32)  # (nb, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest_int(blocks.reshape(nb, 16, 16) / d_sub[:, :, None])
+    q = np.clip(q, -32, 31) + 32
+    labels = np.where((d_sub != 0)[:, :, None], q, labels.reshape(nb, 16, 16)).reshape(nb, 2, 4, 32)
+    labels = labels.astype(np.uint8)  # [half, quarter s, l]
+    ql = (labels[:, :, 0:2, :] & np.uint8(0x0F)) | ((labels[:, :, 2:4, :] & np.uint8(0x0F)) << np.uint8(4))
+    qh = (labels >> np.uint8(4)) << _Q6K_QH_SHIFTS
+    qh = qh.sum(axis=2, dtype=np.uint8)  # (nb, 2, 32)
+    out = np.concatenate(
+        [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), d16.view(np.uint8).reshape(nb, 2)],
+        axis=1,
+    )
+    out[empty] = 0
+    return out.reshape(-1)
+
+
 def _quantize_bf16(x: np.ndarray) -> np.ndarray:
     """ggml ``GGML_FP32_TO_BF16``: round to nearest even, NaN kept quiet."""
     u = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32).astype(np.uint64)
@@ -357,6 +445,7 @@ _ENCODERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     F16: lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).reshape(-1).view(np.uint8),
     BF16: _quantize_bf16,
     Q8_0: _quantize_q8_0,
+    Q6_K: _quantize_q6_k,
     TQ1_0: _quantize_tq1_0,
     TQ2_0: _quantize_tq2_0,
     I2_S: quantize_i2_s,
