@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from ternary.engine.sampling import Sampler, SamplingParams
+from ternary.formats.tokenizer import StreamDecoder
 from ternary.server import params
 from ternary.server.chat_template import ChatTemplate
 from ternary.server.errors import APIError
@@ -440,10 +441,9 @@ async def _collect(
             await watcher
 
 
-def _decoder(tokenizer: Any) -> Any:
-    from ternary.formats.tokenizer import StreamDecoder
-
-    return StreamDecoder(tokenizer)
+def _decoder(tokenizer: Any) -> StreamDecoder:
+    # Generated text continues the prompt: keep a leading space; control tokens print nothing (llama-server).
+    return StreamDecoder(tokenizer, special=False, strip_leading_space=False)
 
 
 # ---------------------------------------------------------------- the app

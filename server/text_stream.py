@@ -12,9 +12,10 @@ from typing import Protocol
 
 
 class TokenDecoder(Protocol):
-    """Incremental detokenizer: `push` returns newly completed text, `flush` whatever is left at the end."""
+    """Incremental detokenizer (`ternary.formats.tokenizer.StreamDecoder`): `feed` returns newly completed
+    text, `flush` whatever is left at the end."""
 
-    def push(self, token: int) -> str: ...
+    def feed(self, token: int) -> str: ...
 
     def flush(self) -> str: ...
 
@@ -32,7 +33,7 @@ class TextStream:
     def push(self, token: int) -> str:
         if self.stopped:
             return ""
-        return self._release(self._held + self._decoder.push(token), final=False)
+        return self._release(self._held + self._decoder.feed(token), final=False)
 
     def flush(self) -> str:
         """End of generation: release everything still held (a trailing partial character becomes U+FFFD)."""

@@ -23,7 +23,7 @@ class ByteDecoder:
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def push(self, token: int) -> str:
+    def feed(self, token: int) -> str:
         return self._utf8.decode(bytes([token]))
 
     def flush(self) -> str:
