@@ -193,15 +193,15 @@ def test_learned_tokenizer_round_trips_and_matches_rank_order_reference(pre):
     assert tok.bos_id == md["tokenizer.ggml.bos_token_id"]
     assert tok.eos_id == md["tokenizer.ggml.eos_token_id"]
     assert tok.eos_id in tok.eog_ids
-    for text in UNSEEN + _source_texts()[:2]:
+    for text in UNSEEN + _source_texts()[-3:]:
         ids = tok.encode(text, add_bos=False, parse_special=False)
         assert tok.decode(ids) == text
         assert ids == rank_order_encode(md, text)
         assert all(
             0 <= i < md["tokenizer.ggml.bos_token_id"] for i in ids
         )  # plain text never makes a special
-    source = _source_texts()[0]
-    assert len(tok.encode(source, add_bos=False)) < len(source.encode()) / 2  # it actually compresses code
+    source = "".join(_source_texts())
+    assert len(tok.encode(source, add_bos=False)) < 0.6 * len(source.encode())  # bytes alone: 1.0
 
 
 def test_special_tokens_parse_and_bos_is_added():

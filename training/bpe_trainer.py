@@ -22,30 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-try:
-    from ternary.formats.tokenizer import bytes_to_unicode, pretokenize
-except ImportError:  # TEMPORARY shim until formats/tokenizer.py lands (same contract: ARCHITECTURE.md)
-    import functools
-
-    import regex
-
-    _SHIM_REGEX = {
-        "llama-bpe": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
-        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-        "gpt-2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
-    }
-
-    def pretokenize(text: str, pre: str) -> list[str]:
-        return regex.findall(_SHIM_REGEX[pre], text)
-
-    @functools.cache
-    def bytes_to_unicode() -> dict[int, str]:
-        keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-        extra = [b for b in range(256) if b not in keep]
-        table = {b: chr(b) for b in keep}
-        table.update({b: chr(256 + i) for i, b in enumerate(extra)})
-        return table
-
+from ternary.formats.tokenizer import bytes_to_unicode, pretokenize
 
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
