@@ -147,9 +147,8 @@ def test_bad_metadata_values(tmp_path):
     expect_error(tmp_path, unknown + b"\0" * 32, "x: unknown value type 13")
     expect_error(tmp_path, gguf_bytes([ARCH, ARCH], []), "general.architecture: duplicate metadata key")
     content = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _string("x") + struct.pack("<I", ARRAY)
-    content += (
-        struct.pack("<IQ", ARRAY, 1) * 4
-    )  # four levels of arrays around one UINT32 + struct.pack("<IQ", UINT32, 1) + struct.pack("<I", 1)
+    # four levels of arrays around one UINT32
+    content += struct.pack("<IQ", ARRAY, 1) * 4 + struct.pack("<IQ", UINT32, 1) + struct.pack("<I", 1)
     expect_error(tmp_path, content + b"\0" * 32, "nested deeper")
     bad_align = gguf_bytes([ARCH, ("general.alignment", UINT32, 48)], [])
     expect_error(tmp_path, bad_align, "general.alignment", "power of two")
