@@ -297,10 +297,9 @@ def pretokenize(text: str, pre: str) -> list[str]:
 
 def merge_ranks(merges: Sequence[str]) -> dict[str, int]:
     """``"left right"`` -> rank; the first of duplicate merges wins (llama.cpp's emplace)."""
-    ranks: dict[str, int] = {}
-    for rank, merge in enumerate(merges):
-        if merge.find(" ", 1) > 0:
-            ranks.setdefault(merge, rank)
+    ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1), strict=True))
+    for merge in [m for m in ranks if m.find(" ", 1) <= 0]:  # llama.cpp splits at the first space after 0
+        del ranks[merge]
     return ranks
 
 

@@ -102,8 +102,9 @@ class _Metadata:
             raise self.error(key, f"expected an array, found {type(value).__name__}")
         if len(value) < n_min:
             raise self.error(key, f"has {len(value)} entries, fewer than the {n_min} tokens")
-        bad = next((i for i, v in enumerate(value) if not isinstance(v, item) or isinstance(v, bool)), None)
-        if bad is not None:
+        allowed = item if isinstance(item, tuple) else (item,)
+        if not set(map(type, value)) <= set(allowed):  # exact types: bool is not an int here
+            bad = next(i for i, v in enumerate(value) if type(v) not in allowed)
             raise self.error(key, f"entry {bad} is {type(value[bad]).__name__} {value[bad]!r:.60}")
         return value
 
@@ -168,13 +169,15 @@ class Tokenizer:
         self.token_types = list(meta.array("token_type", int, n, [NORMAL] * n)[:n])
         self.scores = [float(s) for s in meta.array("scores", (int, float), n, [0.0] * n)[:n]]
 
-        self.vocab: dict[str, int] = {}
-        for i, text in enumerate(tokens):
-            if not text:  # llama.cpp renames empty tokens so that they can never match
-                tokens[i] = text = f"[EMPTY_{i}]"
-            if self.vocab.setdefault(text, i) != i:
-                first = self.vocab[text]
-                raise meta.error(_KEY + "tokens", f"duplicate token {text!r} at ids {first} and {i}")
+        for i in [i for i, text in enumerate(tokens) if not text]:
+            tokens[i] = f"[EMPTY_{i}]"  # llama.cpp renames empty tokens so that they can never match
+        self.vocab: dict[str, int] = dict(zip(tokens, range(n), strict=True))
+        if len(self.vocab) != n:
+            seen: dict[str, int] = {}
+            for i, text in enumerate(tokens):
+                if text in seen:
+                    raise meta.error(_KEY + "tokens", f"duplicate token {text!r} at ids {seen[text]} and {i}")
+                seen[text] = i
         self.tokens = tokens
 
         self.pre = meta.get("pre", str, "default") or "default"
