@@ -171,13 +171,14 @@ def resolve_tokenizer(tokenizer: Any) -> tuple[TextTokenizer, dict[str, Any] | N
 _WORKER_TOKENIZER: TextTokenizer | None = None  # set before the pool forks, inherited by the workers
 
 
-def _encode_file(path: Path) -> list[int]:
+def _encode_file(path: Path) -> np.ndarray:
+    """Token ids of one file (an array: it crosses the process pipe as bytes, not as a list of ints)."""
     assert _WORKER_TOKENIZER is not None
     text = _decode(path.read_bytes())
     if text is None:  # the file changed since it was scanned
-        return []
+        return np.zeros(0, dtype=np.uint32)
     # parse_special=False: a source file that spells "<|eos|>" must not inject a control token
-    return _WORKER_TOKENIZER.encode(text, add_bos=False, parse_special=False)
+    return np.asarray(_WORKER_TOKENIZER.encode(text, add_bos=False, parse_special=False), dtype=np.uint32)
 
 
 class ShardWriter:
