@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ternary.training.bpe_trainer import (
     DEFAULT_SPECIALS,
@@ -167,9 +168,16 @@ def test_merges_apply_in_rank_order_hand_worked():
     assert tok.encode("ba", add_bos=False) == [b, a]
 
 
-def _source_texts() -> list[str]:
+def _source_texts(budget: int = 120_000) -> list[str]:
+    """This repository's own Python source, up to `budget` characters (keeps the tests fast as it grows)."""
     files = sorted((REPO / "training").glob("*.py")) + sorted((REPO / "tests").glob("*.py"))
-    return [p.read_text(encoding="utf-8") for p in files]
+    texts, total = [], 0
+    for p in files:
+        texts.append(p.read_text(encoding="utf-8"))
+        total += len(texts[-1])
+        if total >= budget:
+            break
+    return texts
 
 
 UNSEEN = [
@@ -249,3 +257,31 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "spm.json").write_text('{"tokenizer.ggml.model": "llama"}')
     with pytest.raises(ValueError, match="gpt2"):
         load_tokenizer(tmp_path / "spm.json")
+
+
+def test_metadata_written_into_a_model_gguf_has_llama_cpp_types(tmp_path):
+    """Through formats.writer: ids UINT32, token_type INT32, add_bos BOOL, tokens/merges string arrays (the
+    types llama.cpp's loader reads), and the file's tokenizer encodes like the in-memory one."""
+    Tokenizer = _tokenizer_cls()
+    import gguf
+    from ternary.formats.config import ModelConfig
+    from ternary.formats.model_file import expected_shapes
+    from ternary.formats.writer import write_model
+
+    md = learn_bpe(_source_texts()[-3:], 320)
+    config = ModelConfig(arch="bitnet", n_vocab=320, n_embd=256, n_layer=1, n_head=2, n_head_kv=2,
+                         head_dim=128, n_ff=256, n_ctx_train=64)  # fmt: skip
+    tensors = {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(config).items()}
+    write_model(tmp_path / "m.gguf", config, tensors, md)
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    V = gguf.GGUFValueType
+    assert fields["tokenizer.ggml.eos_token_id"].types == [V.UINT32]
+    assert fields["tokenizer.ggml.fim_mid_token_id"].types == [V.UINT32]
+    assert fields["tokenizer.ggml.add_bos_token"].types == [V.BOOL]
+    assert fields["tokenizer.ggml.token_type"].types == [V.ARRAY, V.INT32]
+    assert fields["tokenizer.ggml.merges"].types == [V.ARRAY, V.STRING]
+    assert fields["tokenizer.ggml.tokens"].types == [V.ARRAY, V.STRING]
+    from_file = Tokenizer.from_gguf(tmp_path / "m.gguf")
+    text = UNSEEN[0] + UNSEEN[2]
+    assert from_file.encode(text) == Tokenizer.from_metadata(md).encode(text)
+    assert from_file.tokens == md["tokenizer.ggml.tokens"]
