@@ -285,3 +285,20 @@ def test_metadata_written_into_a_model_gguf_has_llama_cpp_types(tmp_path):
     text = UNSEEN[0] + UNSEEN[2]
     assert from_file.encode(text) == Tokenizer.from_metadata(md).encode(text)
     assert from_file.tokens == md["tokenizer.ggml.tokens"]
+
+
+def test_cli_learns_from_a_directory(tmp_path, capsys):
+    from ternary.training.bpe_trainer import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"m{i}.py").write_text(f"def function_{i}(value):\n    return value + {i}\n" * 3)
+    (src / "skip.txt").write_text("other files are not read " * 50)
+    with pytest.raises(SystemExit) as e:
+        main([str(src), "--out", str(tmp_path / "tok.json"), "--vocab-size", "280", "--pre", "gpt-2"])
+    assert e.value.code == 0
+    md = load_tokenizer(tmp_path / "tok.json")
+    assert len(md["tokenizer.ggml.tokens"]) == 280 and md["tokenizer.ggml.pre"] == "gpt-2"
+    assert "Ġvalue" in md["tokenizer.ggml.tokens"] and "Ġfiles" not in md["tokenizer.ggml.tokens"]
+    assert "vocabulary 280 tokens" in capsys.readouterr().err
