@@ -21,6 +21,7 @@ decodes as a space.
 from __future__ import annotations
 
 import codecs
+import numbers
 import operator
 import os
 import sys
@@ -40,6 +41,7 @@ from ternary.formats.bpe import (
     unicode_to_bytes,
 )
 from ternary.formats.errors import GGUFError
+from ternary.formats.reader import GGUFFile
 from ternary.formats.spm import byte_token_ids, spm_tokenize
 
 __all__ = ["Tokenizer", "StreamDecoder", "pretokenize", "bytes_to_unicode", "unicode_to_bytes"]
@@ -86,8 +88,9 @@ class _Metadata:
                 raise self.error(key, "missing (required for this tokenizer)")
             return default
         value = self.md[key]
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if not ok:
+        if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)  # NumPy integers too
+        if not isinstance(value, kind):
             raise self.error(key, f"expected {kind.__name__}, found {type(value).__name__} {value!r:.60}")
         return value
 
@@ -98,6 +101,8 @@ class _Metadata:
                 raise self.error(key, "missing (required for this tokenizer)")
             return default
         value = self.md[key]
+        if hasattr(value, "tolist") and getattr(value, "ndim", 0) == 1:  # a NumPy array
+            value = value.tolist()
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise self.error(key, f"expected an array, found {type(value).__name__}")
         if len(value) < n_min:
@@ -147,15 +152,13 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """The tokenizer of a GGUF file (a full model or a vocab-only file)."""
-        from ternary.formats.reader import GGUFFile
-
         with GGUFFile(path) as f:
             md = {k: v for k, v in f.metadata.items() if k.startswith("tokenizer.")}
         return cls.from_metadata(md, source=os.fspath(path))
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any], source: str = "<metadata>") -> Tokenizer:
-        """The tokenizer described by GGUF metadata (plain Python values, arrays as lists)."""
+        """The tokenizer described by GGUF metadata (plain Python values; arrays as lists or NumPy)."""
         return cls(md, source)
 
     def __init__(self, md: Mapping[str, Any], source: str = "<metadata>") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ORACLE, ORACLE_MODELS, VOCAB
 from ternary.formats.bpe import bytes_to_unicode
@@ -215,6 +216,17 @@ def test_user_defined_tokens_are_parsed_even_without_parse_special():
     assert plain[-1] == usr and ctl not in plain
     assert tok.decode(plain) == "<ctl><usr>"
     assert tok.decode([ctl, usr], special=False) == "<usr>"  # user-defined text always shows
+
+
+def test_numpy_arrays_and_ids_are_accepted():
+    md = bpe_metadata(merges=["a b"])
+    as_numpy = {k: np.asarray(v) if isinstance(v, list) and k.endswith("type") else v for k, v in md.items()}
+    as_numpy["tokenizer.ggml.scores"] = np.zeros(len(md["tokenizer.ggml.tokens"]), np.float32)
+    as_numpy["tokenizer.ggml.bos_token_id"] = np.uint32(7)
+    tok = Tokenizer.from_metadata(as_numpy)
+    assert tok.encode("ab") == Tokenizer.from_metadata(md).encode("ab") == [tok.token_to_id("ab")]
+    assert tok.decode(np.array(tok.encode("ab"), np.int32)) == "ab"
+    assert tok.bos_id == 7 and type(tok.bos_id) is int
 
 
 def test_ignore_merges_for_llama3_pre():
