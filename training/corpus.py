@@ -255,6 +255,9 @@ def build_corpus(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_NAME).unlink(missing_ok=True)
+    for split in SPLITS:  # shards of an earlier build into this directory
+        for stale in out.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9].npy"):
+            stale.unlink()
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
 
     t0 = time.perf_counter()
