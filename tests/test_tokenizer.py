@@ -10,6 +10,7 @@ import pytest
 from conftest import ORACLE, ORACLE_MODELS, VOCAB
 from ternary.formats.bpe import bytes_to_unicode
 from ternary.formats.errors import GGUFError
+from ternary.formats.reader import GGUFFile
 from ternary.formats.tokenizer import CONTROL, NORMAL, USER_DEFINED, StreamDecoder, Tokenizer
 
 VOCABS = ["llama-bpe", "gpt-2", "llama-spm"]
@@ -101,6 +102,15 @@ def test_spm_decode_leading_space(tokenizers):
     assert tok.decode([1, *hello], special=False) == " Hello"  # after BOS llama.cpp keeps it too
     assert tok.decode([1, *hello]) == "<s> Hello"
     assert tok.decode(tok.encode("a\u2581b")) == "a b"  # caveat: a typed "▁" comes back as a space
+
+
+def test_spm_without_space_prefix():
+    with GGUFFile(VOCAB / "ggml-vocab-llama-spm.gguf") as f:
+        md = {**f.metadata, "tokenizer.ggml.add_space_prefix": False}
+    tok = Tokenizer.from_metadata(md)
+    assert not tok.add_space_prefix
+    assert [tok.tokens[i] for i in tok.encode("Hello world")] == ["Hello", "\u2581world"]
+    assert tok.decode(tok.encode(" Hello")) == " Hello"  # nothing added, nothing stripped
 
 
 def test_token_bytes(tokenizers):
