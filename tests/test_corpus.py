@@ -182,6 +182,18 @@ def test_loader_windows_are_stream_slices(corpus):
             assert np.array_equal(batch[r], stream[k * T : k * T + T + 1])  # crosses 100-token shards too
 
 
+def test_in_memory_stream_gives_the_same_batches(corpus):
+    stream = _stream(corpus, "train")
+    for shuffle in (False, True):
+        a = DataLoader(corpus, 3, 16, seed=5, shuffle=shuffle)
+        b = DataLoader.from_tokens(stream, 3, 16, seed=5, shuffle=shuffle)
+        assert len(a) == len(b)
+        for _ in range(len(a) + 2):  # into the second epoch
+            assert np.array_equal(next(a), next(b))
+    with pytest.raises(ValueError, match="1-D integer"):
+        DataLoader.from_tokens(np.zeros((4, 4), np.int32), 1, 2)
+
+
 def test_loader_shuffled_epochs_are_seeded_permutations(corpus):
     B, T = 4, 8
     a = DataLoader(corpus, B, T, seed=7)

@@ -406,6 +406,7 @@ class DataLoader:
     Window k is tokens `[k*T, k*T + T + 1)` of the split's stream (consecutive windows share one token, so
     every token is a target once per epoch). Each epoch visits `n_windows // batch_size` batches in the order
     `permutation(seed, epoch)` (or in stream order with `shuffle=False`); `loop=False` stops after one epoch.
+    `DataLoader.from_tokens` does the same over a token array in memory.
     """
 
     def __init__(
@@ -421,23 +422,58 @@ class DataLoader:
     ):
         if split not in SPLITS:
             raise ValueError(f"split: {split!r} is not one of {SPLITS}")
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size {batch_size} and seq_len {seq_len} must be positive")
-        if not 0.0 <= fim_rate <= 1.0:
-            raise ValueError(f"fim_rate: {fim_rate} is not in [0, 1]")
         self.dir = Path(corpus_dir)
-        self.index = load_index(self.dir)
-        if fim_rate > 0 and not self.index.get("fim_ids"):
+        index = load_index(self.dir)
+        if fim_rate > 0 and not index.get("fim_ids"):
             raise ValueError(f"{self.dir / INDEX_NAME}: fim_ids: the corpus tokenizer has no FIM tokens")
-        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
-        self.seed, self.shuffle, self.fim_rate, self.loop = seed, shuffle, fim_rate, loop
-        info = self.index["splits"][split]
-        self.shards = [np.load(self.dir / s["file"], mmap_mode="r") for s in info["shards"]]
-        for s, arr in zip(info["shards"], self.shards, strict=True):
+        info = index["splits"][split]
+        shards = [np.load(self.dir / s["file"], mmap_mode="r") for s in info["shards"]]
+        for s, arr in zip(info["shards"], shards, strict=True):
             if arr.ndim != 1 or arr.size != s["n_tokens"]:
                 raise ValueError(
                     f"{self.dir / s['file']}: holds {arr.shape}, index says {s['n_tokens']} tokens"
                 )
+        self._start(shards, index, split, batch_size, seq_len, seed, shuffle, fim_rate, loop)
+
+    @classmethod
+    def from_tokens(
+        cls,
+        tokens: np.ndarray | Sequence[int],
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        loop: bool = True,
+    ) -> DataLoader:
+        """The same windows, order and state over an in-memory token stream (no corpus folder, no FIM)."""
+        self = cls.__new__(cls)
+        self.dir = Path("<memory>")
+        stream = np.asarray(tokens)
+        if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+            raise ValueError(f"tokens: expected a 1-D integer sequence, got {stream.dtype} {stream.shape}")
+        index = {"eos_id": None, "bos_id": None, "fim_ids": None}
+        self._start([stream], index, "memory", batch_size, seq_len, seed, shuffle, 0.0, loop)
+        return self
+
+    def _start(
+        self,
+        shards: list[np.ndarray],
+        index: dict[str, Any],
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        shuffle: bool,
+        fim_rate: float,
+        loop: bool,
+    ) -> None:
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size {batch_size} and seq_len {seq_len} must be positive")
+        if not 0.0 <= fim_rate <= 1.0:
+            raise ValueError(f"fim_rate: {fim_rate} is not in [0, 1]")
+        self.index, self.shards = index, shards
+        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.seed, self.shuffle, self.fim_rate, self.loop = seed, shuffle, fim_rate, loop
         self.offsets = np.cumsum([0] + [a.size for a in self.shards])
         self.n_tokens = int(self.offsets[-1])
         self.n_windows = max(self.n_tokens - 1, 0) // seq_len
