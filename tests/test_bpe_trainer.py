@@ -231,6 +231,20 @@ def test_special_tokens_parse_and_bos_is_added():
 # --- files and errors ---
 
 
+def test_bytes_only_vocabulary_still_has_a_merges_array(tmp_path):
+    Tokenizer = _tokenizer_cls()
+    from ternary.formats.writer import write_model
+
+    md = learn_bpe(["abc abc"], 1000, min_frequency=100)  # no pair is frequent enough: bytes only
+    assert md["tokenizer.ggml.merges"] == ["a \u010a"] and len(md["tokenizer.ggml.tokens"]) == 256 + N_SPECIAL
+    config = _tiny_config(len(md["tokenizer.ggml.tokens"]))
+    write_model(tmp_path / "m.gguf", config, _zero_tensors(config), md)
+    for tok in (Tokenizer.from_gguf(tmp_path / "m.gguf"), Tokenizer.from_metadata(md)):
+        for text in UNSEEN:
+            ids = tok.encode(text, add_bos=False, parse_special=False)
+            assert ids == list(text.encode()) and tok.decode(ids) == text
+
+
 def test_json_round_trip(tmp_path):
     md = learn_bpe(["hello world, hello code\n"] * 4, 280, extra_specials=["<|im_start|>"])
     save_tokenizer(md, tmp_path / "tok.json")
@@ -259,20 +273,29 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         load_tokenizer(tmp_path / "spm.json")
 
 
+def _tiny_config(n_vocab: int):
+    from ternary.formats.config import ModelConfig
+
+    return ModelConfig(arch="bitnet", n_vocab=n_vocab, n_embd=256, n_layer=1, n_head=2, n_head_kv=2,
+                       head_dim=128, n_ff=256, n_ctx_train=64)  # fmt: skip
+
+
+def _zero_tensors(config) -> dict[str, np.ndarray]:
+    from ternary.formats.model_file import expected_shapes
+
+    return {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(config).items()}
+
+
 def test_metadata_written_into_a_model_gguf_has_llama_cpp_types(tmp_path):
     """Through formats.writer: ids UINT32, token_type INT32, add_bos BOOL, tokens/merges string arrays (the
     types llama.cpp's loader reads), and the file's tokenizer encodes like the in-memory one."""
     Tokenizer = _tokenizer_cls()
     import gguf
-    from ternary.formats.config import ModelConfig
-    from ternary.formats.model_file import expected_shapes
     from ternary.formats.writer import write_model
 
     md = learn_bpe(_source_texts()[-3:], 320)
-    config = ModelConfig(arch="bitnet", n_vocab=320, n_embd=256, n_layer=1, n_head=2, n_head_kv=2,
-                         head_dim=128, n_ff=256, n_ctx_train=64)  # fmt: skip
-    tensors = {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(config).items()}
-    write_model(tmp_path / "m.gguf", config, tensors, md)
+    config = _tiny_config(320)
+    write_model(tmp_path / "m.gguf", config, _zero_tensors(config), md)
     fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
     V = gguf.GGUFValueType
     assert fields["tokenizer.ggml.eos_token_id"].types == [V.UINT32]

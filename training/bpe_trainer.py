@@ -50,6 +50,10 @@ DEFAULT_SPECIALS: dict[str, str] = {
 # Pre-tokenizers llama.cpp knows by name and ternary.formats.tokenizer implements for `gpt2` vocabularies.
 KNOWN_PRE = ("llama-bpe", "gpt-2", "default", "starcoder", "deepseek-coder", "qwen2", "refact", "smollm")
 
+# A merge no supported pre-tokenizer can apply (none puts a letter and a newline in one piece): the only merge
+# of a bytes-only vocabulary.
+NO_OP_MERGE = "a \u010a"
+
 ProgressFn = Callable[[str], None]
 
 
@@ -224,6 +228,9 @@ def build_metadata(
         ):  # two merge paths can spell the same bytes; they share one token, as in HF tokenizers
             seen.add(s)
             tokens.append(s)
+    if not merge_strs:
+        # llama.cpp refuses a gpt2 vocabulary without a merges array, and GGUF writers drop empty arrays
+        merge_strs = [NO_OP_MERGE]
     n_normal = len(tokens)
     special_texts = list(dict.fromkeys([*specials.values(), *extra_specials]))
     for s in special_texts:
