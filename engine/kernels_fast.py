@@ -140,14 +140,14 @@ def _generic(isa) -> bool:
     return isinstance(isa, IsaType) and isa.width == 0
 
 
-@overload(acc_zero)
+@overload(acc_zero, inline="always")
 def _acc_zero(isa):
     if _generic(isa):
         return lambda isa: (np.int64(0), np.int64(0), np.int64(0), np.int64(0))
     return lambda isa: tile_acc_zero(isa)
 
 
-@overload(acc_dot)
+@overload(acc_dot, inline="always")
 def _acc_dot(isa, acc, packed, offset, x, x_offset, x_stride):
     if _generic(isa):
         return lambda isa, acc, packed, offset, x, x_offset, x_stride: generic_acc_dot(
@@ -158,14 +158,14 @@ def _acc_dot(isa, acc, packed, offset, x, x_offset, x_stride):
     )
 
 
-@overload(facc_zero)
+@overload(facc_zero, inline="always")
 def _facc_zero(isa):
     if _generic(isa):
         return lambda isa: (np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0))
     return lambda isa: tile_facc_zero(isa)
 
 
-@overload(facc_add)
+@overload(facc_add, inline="always")
 def _facc_add(isa, facc, acc, w, w_offset, xs, xs_offset, xs_stride, xsum, xsum_offset, xsum_stride):
     if _generic(isa):
         return lambda isa, facc, acc, w, w_offset, xs, xs_offset, xs_stride, xsum, xsum_offset, xsum_stride: (
@@ -176,7 +176,7 @@ def _facc_add(isa, facc, acc, w, w_offset, xs, xs_offset, xs_stride, xsum, xsum_
     )
 
 
-@overload(facc_values)
+@overload(facc_values, inline="always")
 def _facc_values(isa, facc):
     if _generic(isa):
         return lambda isa, facc: facc
@@ -186,7 +186,7 @@ def _facc_values(isa, facc):
 # ---------------------------------------------------------------- drivers
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _tile_outputs(
     isa, g, t0, packed, group_scales, row_scales, group_uniform, n_out, x, k, block_sums, token_sums, x_scale,
     n_cols, out,
