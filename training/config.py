@@ -145,14 +145,11 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 8
     grad_accum: int = 1
-    val_frac: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name}: must be positive, got {getattr(self, name)}")
-        if not 0 <= self.val_frac < 1:
-            raise ConfigError(f"data.val_frac: must be in [0, 1), got {self.val_frac}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ tokenizer JSON beside them), or, for quick runs without a tokenizer, from text f
 
 A checkpoint holds the parameters, the optimizer state, the step, the trainer's RNG state, the data position,
 the config and the tokenizer metadata (so `export` needs nothing else). Resuming from it reproduces the
-uninterrupted run's losses bit for bit on the same machine and backend.
+uninterrupted run's losses bit for bit on the same machine, backend and BLAS thread count (OpenBLAS sums
+in a different order with another number of threads).
 """
 
 from __future__ import annotations
