@@ -1,9 +1,9 @@
 """Which ternary kernel paths this machine can run, and the user's override (``TERNARY_KERNELS``).
 
 A path needs the instructions twice over: the CPU must have them (``/proc/cpuinfo``) and the LLVM target Numba
-compiles for must enable them (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` can narrow it, e.g. for portable caches).
-Emitting an intrinsic the target lacks aborts the whole process inside LLVM, so nothing unsupported is ever
-selected: an override naming such a path is an error, not a crash.
+compiles for must enable them (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` can narrow it, e.g. for portable
+caches). Emitting an intrinsic the target lacks aborts the whole process inside LLVM, so nothing unsupported
+is ever selected: an override naming such a path is an error, not a crash.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def select_path(
         )
     if name not in supported:
         raise ValueError(
-            f"{source}={requested!r}: this CPU / LLVM target cannot run it (supported: {', '.join(supported)})"
+            f"{source}={requested!r}: this CPU / LLVM target cannot run it "
+            f"(supported: {', '.join(supported)})"
         )
     return name

@@ -3,25 +3,26 @@
 Entry points, callable from Python or from other ``@njit`` code (plain arrays plus an ISA marker from
 ``simd.ISAS``):
 
-* ``activation_sums(xq) -> (block_sums int64[T, K/256], token_sums int64[T])``: Σ xq per block and per token. The
-  layout stores codes as w+1 ∈ {0,1,2}; subtracting these sums turns Σ code·x into Σ w·x. Matmuls that share an
-  input (Q/K/V, gate/up) can compute them once.
-* ``planar_matmul_summed(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, block_sums, token_sums,
-  x_scale, out)``: parallel over chunks of row groups (each thread reads one sequential stream of weights).
+* ``activation_sums(xq) -> (block_sums int64[T, K/256], token_sums int64[T])``: Σ xq per block and per token.
+  The layout stores codes as w+1 ∈ {0,1,2}; subtracting these sums turns Σ code·x into Σ w·x. Matmuls that
+  share an input (Q/K/V, gate/up) can compute them once.
+* ``planar_matmul_summed(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, block_sums,
+  token_sums, x_scale, out)``: parallel over chunks of row groups (each thread reads one sequential stream of
+  weights).
 * ``planar_matmul(...)``: the same, computing the sums itself.
 
-The float result is defined independently of the ISA, so every path gives bit-identical output:
-``out[t, n] = 0 + Σ_seg float32(Σ_seg w·x) · (w_scale · x_scale)`` summed in float32 in segment order, where a
-segment is the whole row when the row's group has one scale (``group_uniform``) and the activations have one scale
-per token (``x_scale`` with one column): an integer-only loop and one float multiply per output. Otherwise segments
-are the 256-weight blocks, with the block's own weight scale and its activation block's scale.
+The float result is defined independently of the ISA, so every path gives bit-identical output: ``out[t, n] =
+0 + Σ_seg float32(Σ_seg w·x) · (w_scale · x_scale)`` summed in float32 in segment order, where a segment is
+the whole row when the row's group has one scale (``group_uniform``) and the activations have one scale per
+token (``x_scale`` with one column): an integer-only loop and one float multiply per output. Otherwise
+segments are the 256-weight blocks, with the block's own weight scale and its activation block's scale.
 
 Inputs are not validated here (``PlanarMatrix.matmul`` does it): ``xq`` int8[T, K] C-contiguous, K % 256 == 0,
 ``x_scale`` float32[T, C] C-contiguous with (K/256) % C == 0, ``out`` float32[T, n_out].
 
-The per-tile primitives (``acc_zero``, ``acc_dot``, ``facc_zero``, ``facc_add``, ``facc_values``) resolve at compile
-time: SIMD markers map to the intrinsics of ``simd.py``, the generic marker to plain Numba functions on tuples
-(one token, scalar code that LLVM may auto-vectorize).
+The per-tile primitives (``acc_zero``, ``acc_dot``, ``facc_zero``, ``facc_add``, ``facc_values``) resolve at
+compile time: SIMD markers map to the intrinsics of ``simd.py``, the generic marker to plain Numba functions
+on tuples (one token, scalar code that LLVM may auto-vectorize).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def _byte_dot(byte, x0, x1, x2, x3):
 
 @njit(cache=True)
 def generic_acc_dot(acc, packed, offset, x, x_offset):
-    """``acc`` + Σ code·x for the 4 rows of the group-block at ``packed[offset:]``, activations ``x[x_offset:]``."""
+    """``acc`` + Σ code·x for the 4 rows of the group-block at ``packed[offset:]`` (activations at
+    ``x[x_offset:]``)."""
     s0, s1, s2, s3 = acc
     for j in range(ROW_BLOCK_BYTES):
         x0 = np.int64(x[x_offset + j])
@@ -95,7 +97,7 @@ def generic_acc_dot(acc, packed, offset, x, x_offset):
 
 @njit(cache=True)
 def generic_facc_add(facc, acc, w, w_offset, xs, xs_offset, xsum, xsum_offset):
-    """``facc[r] + float32(acc[r] − xsum) · (w[r] · xs)`` for the 4 rows (the scalar twin of ``tile_facc_add``)."""
+    """``facc[r] + float32(acc[r] − xsum) · (w[r] · xs)`` per row (scalar twin of ``tile_facc_add``)."""
     x_scale = xs[xs_offset]
     x_sum = xsum[xsum_offset]
     f0, f1, f2, f3 = facc
@@ -107,8 +109,8 @@ def generic_facc_add(facc, acc, w, w_offset, xs, xs_offset, xsum, xsum_offset):
 
 
 # ---------------------------------------------------------------- per-tile primitives, resolved by ISA
-# Each stub is only callable from jitted code; its overload returns a one-line trampoline into a top-level kernel
-# or intrinsic (no kernel body lives in a closure, so the on-disk cache keeps working).
+# Each stub is only callable from jitted code; its overload returns a one-line trampoline into a top-level
+# kernel or intrinsic (no kernel body lives in a closure, so the on-disk cache keeps working).
 
 
 def acc_zero(isa):
@@ -210,12 +212,12 @@ def _tile_outputs(
             )
             xs_offset = t0 * n_cols + b // blocks_per_col
             xsum_offset = t0 * n_blocks + b
-            if group_uniform[g] != 0:
-                facc = facc_add(isa, facc, acc, row_scales, n0, x_scale, xs_offset, n_cols, block_sums,
-                                xsum_offset, n_blocks)  # fmt: skip
-            else:
-                facc = facc_add(isa, facc, acc, group_scales, (g * n_blocks + b) * ROW_GROUP, x_scale, xs_offset,
-                                n_cols, block_sums, xsum_offset, n_blocks)  # fmt: skip
+            w, w_offset = row_scales, n0
+            if group_uniform[g] == 0:
+                w, w_offset = group_scales, (g * n_blocks + b) * ROW_GROUP
+            facc = facc_add(
+                isa, facc, acc, w, w_offset, x_scale, xs_offset, n_cols, block_sums, xsum_offset, n_blocks
+            )
     values = facc_values(isa, facc)
     for r in range(ROW_GROUP):
         n = n0 + r
@@ -230,8 +232,8 @@ def planar_matmul_summed(
 ):
     """``out = xq · Wᵀ`` with the scales (see the module docstring), given ``activation_sums(xq)``.
 
-    ``group_scales`` float32[n_groups, K/256, 4] (per-block scales, group-major), ``row_scales`` float32[4·n_groups]
-    (the one scale of each row of a uniform group), ``group_uniform`` uint8[n_groups].
+    ``group_scales`` float32[n_groups, K/256, 4] (per-block scales, group-major), ``row_scales``
+    float32[4·n_groups] (the one scale of each row of a uniform group), ``group_uniform`` uint8[n_groups].
     """
     n_tok, k = xq.shape
     x = xq.reshape(n_tok * k)
@@ -252,12 +254,16 @@ def planar_matmul_summed(
         g1 = min(g0 + chunk, n_groups)
         for t0 in range(0, t_full, tokens):
             for g in range(g0, g1):
-                _tile_outputs(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums,
-                              token_sums, xs, n_cols, out)  # fmt: skip
+                _tile_outputs(
+                    isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
+                    n_cols, out,
+                )  # fmt: skip
         for t0 in range(t_full, n_tok):
             for g in range(g0, g1):
-                _tile_outputs(one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums,
-                              token_sums, xs, n_cols, out)  # fmt: skip
+                _tile_outputs(
+                    one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
+                    n_cols, out,
+                )  # fmt: skip
 
 
 @njit(cache=True)

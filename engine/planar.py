@@ -1,18 +1,18 @@
 """``PlanarMatrix``: the fast ternary weight layout (same interface as ``weights.TernaryMatrix``).
 
-Layout (version ``LAYOUT_VERSION``), chosen so that each thread reads one sequential stream and the SIMD kernels
-need no shuffles (see ``simd.py``):
+Layout (version ``LAYOUT_VERSION``), chosen so that each thread reads one sequential stream and the SIMD
+kernels need no shuffles (see ``simd.py``):
 
 * codes are stored as w+1 ∈ {0,1,2}, 2 bits each: the unsigned operand of ``vpdpbusd``;
 * rows are taken 4 at a time (a *row group*; N is padded with zero rows to a multiple of 4);
-* for every group and every 256-weight block along K, the 4 rows × 64 bytes are contiguous, blocks in K order, groups
-  in row order; byte j of a row-block holds weights s·64 + j at bits 2s (s = 0..3);
+* for every group and every 256-weight block along K, the 4 rows × 64 bytes are contiguous, blocks in K order,
+  groups in row order; byte j of a row-block holds weights s·64 + j at bits 2s (s = 0..3);
 * the buffer starts on a 128-byte boundary (streams from DRAM lose 10–18% at 16-byte offsets).
 
-Scales are expanded to one per 256-block and stored group-major (``group_scales`` float32[n_groups, K/256, 4]: the
-4 rows of a block side by side, one vector load); a group whose rows each have one scale for all their blocks is
-flagged in ``group_uniform`` and uses ``row_scales`` (float32[4·n_groups]) instead: an integer-only inner loop.
-K must be a multiple of 256 and the weight block a multiple of 256 (TQ1_0/TQ2_0 and I2_S are).
+Scales are expanded to one per 256-block and stored group-major (``group_scales`` float32[n_groups, K/256, 4]:
+the 4 rows of a block side by side, one vector load); a group whose rows each have one scale for all their
+blocks is flagged in ``group_uniform`` and uses ``row_scales`` (float32[4·n_groups]) instead: an integer-only
+inner loop. K must be a multiple of 256 and the weight block a multiple of 256 (TQ1_0/TQ2_0 and I2_S are).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def aligned_empty(nbytes: int, alignment: int = ALIGNMENT) -> np.ndarray:
 
 
 def pack_codes(codes: np.ndarray) -> np.ndarray:
-    """int8 codes [N, K] in {-1,0,1} → planar bytes (N padded to a multiple of 4), in a 128-byte aligned buffer."""
+    """int8 codes [N, K] in {-1,0,1} → planar bytes (N padded to a multiple of 4), 128-byte aligned."""
     n_out, n_in = codes.shape
     n_groups = -(-n_out // ROW_GROUP)
     n_blocks = n_in // BLOCK
@@ -63,7 +63,8 @@ def unpack_codes(packed: np.ndarray, n_out: int, n_in: int) -> np.ndarray:
 class PlanarMatrix:
     """Ternary weights in the planar layout; ``matmul`` runs the best kernel path this machine supports.
 
-    ``kernels`` picks a path by name (``cpu_features.KERNEL_PATHS``); None means ``TERNARY_KERNELS`` or the best.
+    ``kernels`` picks a path by name (``cpu_features.KERNEL_PATHS``); None means ``$TERNARY_KERNELS``, else
+    the fastest.
     """
 
     def __init__(
@@ -87,7 +88,8 @@ class PlanarMatrix:
             raise ValueError(f"packed weights: expected uint8[{expected}], got {_describe(packed)}")
         if row_scales.shape != (n_groups * ROW_GROUP,) or group_uniform.shape != (n_groups,):
             raise ValueError(
-                f"row_scales {row_scales.shape} / group_uniform {group_uniform.shape} do not fit {n_groups} groups"
+                f"row_scales {row_scales.shape} / group_uniform {group_uniform.shape} "
+                f"do not fit {n_groups} row groups"
             )
         self.packed = packed
         self.group_scales = np.ascontiguousarray(group_scales, dtype=np.float32)
@@ -114,7 +116,8 @@ class PlanarMatrix:
         block_scales = np.asarray(block_scales, dtype=np.float32)
         if block_scales.shape != (n_out, n_in // block):
             raise ValueError(
-                f"block_scales shape {block_scales.shape} does not match codes {codes.shape} with block {block}"
+                f"block_scales shape {block_scales.shape} does not match codes {codes.shape} "
+                f"with block {block}"
             )
         if codes.size and (codes.min() < -1 or codes.max() > 1):
             raise ValueError("ternary codes must be -1, 0 or +1")
@@ -211,7 +214,8 @@ class PlanarMatrix:
             raise ValueError(f"x_scale must be float32[{n_tok}, C], got {_describe(x_scale)}")
         if x_scale.shape[1] == 0 or n_blocks % x_scale.shape[1]:
             raise ValueError(
-                f"x_scale has {x_scale.shape[1]} columns: n_in/{x_scale.shape[1]} must be a multiple of {BLOCK}"
+                f"x_scale has {x_scale.shape[1]} columns: n_in/{x_scale.shape[1]} "
+                f"must be a multiple of {BLOCK}"
             )
         if n_tok == 0 or self.n_out == 0:
             return out

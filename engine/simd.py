@@ -6,20 +6,22 @@ directly (AVX-512 VNNI on zmm, VNNI on ymm, AVX2 ``maddubs``), with nothing beyo
 Vocabulary:
 
 * An *ISA marker* (``Isa``) is a tiny value whose Numba type says which instructions to emit, the vector width
-  and the token-tile height. Kernels take it as their first argument, so one kernel source compiles once per ISA.
-* A *tile* is 4 weight rows (one row group of the planar layout) × ``tokens`` activation rows. ``tile_acc_dot``
-  adds one 256-weight block of the tile into a *tile accumulator* (an LLVM array of int32 vectors that lives in
-  registers) of Σ code·x (codes are w+1 ∈ {0,1,2}); ``tile_facc_add`` reduces it to 4 × ``tokens`` integers,
-  removes the +1 offset with Σx and adds ``float32(isum) · (w_scale · x_scale)`` into a float32 vector.
-* Weight bytes (planar layout, see ``planar.py``): for row r of a group and block b, 64 bytes; byte j holds the
-  codes of weights b·256 + s·64 + j at bits 2s..2s+1 (s = 0..3). Activation x[b·256 + s·64 + j] meets bits 2s of
-  byte j, so activations are read in place, never shuffled.
+  and the token-tile height. Kernels take it as their first argument, so one kernel source compiles once per
+  ISA.
+* A *tile* is 4 weight rows (one row group of the planar layout) × ``tokens`` activation rows.
+  ``tile_acc_dot`` adds one 256-weight block of the tile into a *tile accumulator* (an LLVM array of int32
+  vectors that lives in registers) of Σ code·x (codes are w+1 ∈ {0,1,2}); ``tile_facc_add`` reduces it to 4 ×
+  ``tokens`` integers, removes the +1 offset with Σx and adds ``float32(isum) · (w_scale · x_scale)`` into a
+  float32 vector.
+* Weight bytes (planar layout, see ``planar.py``): for row r of a group and block b, 64 bytes; byte j holds
+  the codes of weights b·256 + s·64 + j at bits 2s..2s+1 (s = 0..3). Activation x[b·256 + s·64 + j] meets bits
+  2s of byte j, so activations are read in place, never shuffled.
 
 Two decodings of the 2-bit codes, both exact:
 
-* one token (decode): ``byte & (3 << 2s)`` is code·4^s; each (row, s) gets its own accumulator, whose lanes are
-  multiples of 4^s, and the four are combined at the end as ((a3 >> 2 + a2) >> 2 + a1) >> 2 + a0 (exact shifts).
-  No shifts in the hot loop: 1 AND + 1 dot product per 64 weights.
+* one token (decode): ``byte & (3 << 2s)`` is code·4^s; each (row, s) gets its own accumulator, whose lanes
+  are multiples of 4^s, and the four are combined at the end as ((a3 >> 2 + a2) >> 2 + a1) >> 2 + a0 (exact
+  shifts). No shifts in the hot loop: 1 AND + 1 dot product per 64 weights.
 * several tokens (prefill): ``(byte >> 2s) & 3`` is decoded once and reused by every token of the tile, one
   accumulator per (row, token).
 
@@ -44,7 +46,7 @@ _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
 
-# LLVM 22 declares the VNNI intrinsics on byte vectors; older LLVMs on int32 vectors (still auto-upgraded later).
+# LLVM 22 declares the VNNI intrinsics on byte vectors, older LLVMs on int32 vectors (22 still upgrades them).
 _VNNI_BYTE_OPERANDS = llvm.llvm_version_info >= (22,)
 
 
@@ -320,8 +322,8 @@ def tile_acc_zero(typingctx, isa):
 def tile_acc_dot(typingctx, isa, acc, packed, offset, x, x_offset, x_stride):
     """Add one 256-weight block of a row group into ``acc``.
 
-    ``packed`` uint8[:] planar weights, the group's block at ``offset`` (4 rows × 64 bytes); ``x`` int8[:] flat
-    activations, token j of the tile at ``x_offset + j·x_stride`` (256 bytes).
+    ``packed`` uint8[:] planar weights, the group's block at ``offset`` (4 rows × 64 bytes); ``x`` int8[:]
+    flat activations, token j of the tile at ``x_offset + j·x_stride`` (256 bytes).
     """
     if not _is_simd(isa) or not isinstance(acc, TileAccType) or acc.isa != isa:
         return None
@@ -399,8 +401,9 @@ def tile_facc_add(
 ):
     """``facc[r, j] += float32(Σ code·x − xsum[j]) · (w[r] · xs[j])``, lane by lane in IEEE float32.
 
-    ``acc`` holds Σ code·x (codes w+1); ``xsum[j]`` = ``xsum[xsum_offset + j·xsum_stride]`` (int64, the Σx that
-    turns codes into weights); ``w[r]`` = ``w[w_offset + r]``; ``xs[j]`` = ``xs[xs_offset + j·xs_stride]``.
+    ``acc`` holds Σ code·x (codes w+1); ``xsum[j]`` = ``xsum[xsum_offset + j·xsum_stride]`` (int64, the Σx
+    that turns codes into weights); ``w[r]`` = ``w[w_offset + r]``; ``xs[j]`` =
+    ``xs[xs_offset + j·xs_stride]``.
     """
     if not isinstance(facc, TileFAccType) or not isinstance(acc, TileAccType) or facc.isa != acc.isa:
         return None

@@ -1,8 +1,9 @@
 """Planar layout + fast kernels: every kernel path against a plain NumPy int64 reference, bit for bit.
 
 The reference computes the exact block dot products in int64 and applies the documented float32 epilogue
-(``kernels_fast`` module docstring) with NumPy; every path this machine supports (generic Numba, AVX2, VNNI-256,
-AVX-512 VNNI) must match it exactly, and a float64 product of the dequantized weights to float32 round-off.
+(``kernels_fast`` module docstring) with NumPy; every path this machine supports (generic Numba, AVX2,
+VNNI-256, AVX-512 VNNI) must match it exactly, and a float64 product of the dequantized weights to float32
+round-off.
 """
 
 from __future__ import annotations
