@@ -30,9 +30,7 @@ OPS = (
     # memory
     "asarray",
     "to_host",
-    "zeros",
     "zeros_like",
-    "copy",
     # linear algebra, elementwise, reductions
     "matmul",
     "add",
@@ -71,22 +69,26 @@ DEVICES = ("cpu", "cuda")
 Array = np.ndarray
 
 
+BACKEND_MODULES = {"cpu": __name__, "cuda": "ternary.training.cuda_ops"}
+
+
+class BackendError(RuntimeError):
+    """The requested compute backend is unknown, cannot be loaded, or does not implement the op set."""
+
+
 def load(device: str) -> ModuleType:
     """The backend module for `device` ('cpu' or 'cuda'), checked to implement every op in `OPS`."""
-    if device == "cpu":
-        module = importlib.import_module(__name__)
-    elif device == "cuda":
-        try:
-            module = importlib.import_module("ternary.training.cuda_ops")
-        except ImportError as exc:
-            raise RuntimeError(
-                f"device 'cuda': the CUDA backend (ternary.training.cuda_ops) cannot be imported: {exc}"
-            ) from exc
-    else:
-        raise ValueError(f"unknown device {device!r}: expected one of {', '.join(DEVICES)}")
+    if device not in BACKEND_MODULES:
+        raise BackendError(f"unknown device {device!r}: expected one of {', '.join(DEVICES)}")
+    try:
+        module = importlib.import_module(BACKEND_MODULES[device])
+    except ImportError as exc:
+        raise BackendError(
+            f"device {device!r}: the backend {BACKEND_MODULES[device]} cannot be imported: {exc}"
+        ) from exc
     missing = [name for name in OPS if not callable(getattr(module, name, None))]
     if missing:
-        raise RuntimeError(f"device {device!r}: backend {module.__name__} lacks ops: {', '.join(missing)}")
+        raise BackendError(f"device {device!r}: backend {module.__name__} lacks ops: {', '.join(missing)}")
     return module
 
 
@@ -103,16 +105,8 @@ def to_host(a: Array) -> np.ndarray:
     return np.array(a, copy=True)
 
 
-def zeros(shape: tuple[int, ...], dtype: Any = np.float32) -> Array:
-    return np.zeros(shape, dtype=dtype)
-
-
 def zeros_like(a: Array) -> Array:
     return np.zeros_like(a)
-
-
-def copy(a: Array) -> Array:
-    return a.copy()
 
 
 # ------------------------------------------------------------- linear algebra, elementwise, reductions

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import click
-from ternary.training.backend import DEVICES
+from ternary.training.backend import DEVICES, BackendError
 from ternary.training.checkpoint import CheckpointError, list_checkpoints
 from ternary.training.config import ConfigError, load_config, load_preset, preset_names
 
@@ -75,7 +75,7 @@ def train(config_path, preset, device, resume, overrides, out_dir, steps) -> Non
             f"device {device}, step {trainer.step} -> {cfg.schedule.steps}, out {cfg.run.out_dir}"
         )
         trainer.fit()
-    except (ConfigError, TrainingError, CheckpointError) as exc:
+    except (ConfigError, TrainingError, CheckpointError, BackendError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
