@@ -157,3 +157,46 @@ def test_cli_export(tmp_path):
     bad.write_bytes(ckpt.read_bytes()[:-1])
     result = CliRunner().invoke(cli_main, ["export", str(bad), str(tmp_path / "n.gguf")])
     assert result.exit_code == 1 and "checksum mismatch" in result.output
+
+
+def test_bpe_corpus_to_gguf_pipeline(tmp_path):
+    """Learned BPE → corpus shards → training → GGUF: the vocabulary comes from the corpus and its tokenizer
+    travels inside the checkpoint into the file."""
+    from ternary.formats.tokenizer import Tokenizer
+    from ternary.training.bpe_trainer import learn_bpe
+    from ternary.training.corpus import build_corpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"m{i}.py").write_bytes(TEXT[i * 300 : i * 300 + 900])
+    md = learn_bpe([TEXT.decode()], vocab_size=300, min_frequency=2)
+    build_corpus([src], tmp_path / "corpus", md, heldout_fraction=0.0, progress=False)
+    cfg = TrainConfig.from_dict({
+        "model": MODEL,
+        "schedule": {"steps": 2, "warmup_steps": 1},
+        "data": {"path": str(tmp_path / "corpus"), "seq_len": 16, "batch_size": 2},
+        "run": {"out_dir": str(tmp_path / "run"), "log_every": 100},
+    })  # fmt: skip
+    trainer = Trainer(cfg, log=lambda msg: None)
+    n_vocab = len(md["tokenizer.ggml.tokens"])
+    assert trainer.cfg.model.n_vocab == n_vocab
+    trainer.fit()
+    out = export_checkpoint(list_checkpoints(tmp_path / "run")[-1][1], tmp_path / "m.gguf")
+    f = GGUFFile(out)
+    assert f.tensors["token_embd.weight"].shape == (n_vocab, 256)
+    assert f.metadata["tokenizer.ggml.merges"] == md["tokenizer.ggml.merges"]
+    tok = Tokenizer.from_metadata(f.metadata)
+    assert tok.decode(tok.encode("def f1(x):\n    return x")) == "def f1(x):\n    return x"
+
+
+def test_byte_level_tokenizer_in_the_file_gives_raw_bytes(trained, tmp_path):
+    """The byte vocabulary's one merge ("a" + newline) can never apply: text encodes to its UTF-8 bytes."""
+    from ternary.formats.tokenizer import Tokenizer
+
+    _, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "m.gguf")
+    tok = Tokenizer.from_metadata(GGUFFile(out).metadata)
+    text = "data\nfor a in b:\n\tpass  # ünïcode ✓ a\n\na\r\n"
+    assert tok.encode(text, add_bos=False) == list(text.encode())
+    assert tok.decode(list(text.encode())) == text
