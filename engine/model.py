@@ -9,14 +9,15 @@ The int8 activations of a norm's output are computed once and shared by the matm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ternary.engine import activations, kernels
 from ternary.engine.kv_cache import KVCache
-from ternary.engine.weights import DenseMatrix, TernaryMatrix
+from ternary.engine.weights import DenseMatrix, TernaryMatrix, dense_matrix
+from ternary.formats.model_file import ModelFile
 
 FFN_ACTS = ("silu", "relu2")
 
@@ -44,12 +45,12 @@ class Layer:
     wq: Linear
     wk: Linear
     wv: Linear
-    attn_sub_norm: np.ndarray
+    attn_sub_norm: np.ndarray | None  # BitNet's SubLN; absent for ternary ``llama`` files
     wo: Linear
     ffn_norm: np.ndarray
     w_gate: Linear
     w_up: Linear
-    ffn_sub_norm: np.ndarray
+    ffn_sub_norm: np.ndarray | None
     w_down: Linear
 
 
@@ -60,20 +61,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope_tables(positions: np.ndarray, n_rot: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin float32[T, n_rot/2] of ``theta_i = pos · base^(-2i/n_rot)``.
-
-    Computed as ggml does (``theta`` starts at the float position and is multiplied by ``theta_scale`` in
-    float32 once per pair), so long positions carry the same rounding as llama.cpp's.
-    """
+    """cos/sin float32[T, n_rot/2] of ``theta_i = pos · base^(-2i/n_rot)``, rounded as llama.cpp does."""
     theta_scale = np.float32(float(base) ** (-2.0 / n_rot))
-    theta = positions.astype(np.float32)
-    half = n_rot // 2
-    cos = np.empty((positions.shape[0], half), dtype=np.float32)
+    cos = np.empty((positions.shape[0], n_rot // 2), dtype=np.float32)
     sin = np.empty_like(cos)
-    for i in range(half):
-        cos[:, i] = np.cos(theta)
-        sin[:, i] = np.sin(theta)
-        theta = theta * theta_scale
+    kernels.rope_cache(positions, theta_scale, cos, sin)
     return cos, sin
 
 
@@ -106,6 +98,8 @@ class Transformer:
             raise ValueError(f"n_head {config.n_head} is not a multiple of n_head_kv {config.n_head_kv}")
         if len(self.layers) != config.n_layer:
             raise ValueError(f"got {len(self.layers)} layers, the config says {config.n_layer}")
+        # ggml's kq_scale: 1/sqrtf(head_dim) in float32
+        self._kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(config.head_dim)))
         n_ctx = int(n_ctx or config.n_ctx_train)
         self.cache = KVCache(config.n_layer, n_slots, n_ctx, config.n_head_kv, config.head_dim)
 
@@ -157,50 +151,141 @@ class Transformer:
             if logits_for.shape != tokens.shape:
                 raise ValueError(f"logits_for has shape {logits_for.shape}, expected {tokens.shape}")
 
-        def record(name: str, value: np.ndarray) -> None:
-            if trace is not None:
-                trace[name] = value.copy()
-
-        n_tok = tokens.shape[0]
-        hd, eps = cfg.head_dim, cfg.rms_eps
-        cos, sin = rope_tables(positions, cfg.rope_dim, cfg.rope_base)
-        kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(hd)))
-        relu2 = self.ffn_act == "relu2"
-
+        record = _recorder(trace)
+        rope = rope_tables(positions, cfg.rope_dim, cfg.rope_base)
         x = np.ascontiguousarray(self.embedding.rows(tokens), dtype=np.float32)
         record("embd", x)
-        for il, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, eps)
-            record(f"attn_norm-{il}", h)
-            hq = self._quantize(h)
-            q, k, v = layer.wq(*hq), layer.wk(*hq), layer.wv(*hq)
-            kernels.apply_rope(q, cos, sin, cfg.n_head, hd, cfg.rope_dim, cfg.rope_neox)
-            kernels.apply_rope(k, cos, sin, cfg.n_head_kv, hd, cfg.rope_dim, cfg.rope_neox)
-            k_cache, v_cache = self.cache.k[il], self.cache.v[il]
-            k_cache[slots, positions] = k.reshape(n_tok, cfg.n_head_kv, hd)
-            v_cache[slots, positions] = v.reshape(n_tok, cfg.n_head_kv, hd)
-            a = np.empty_like(q)
-            kernels.attention(q, k_cache, v_cache, slots, positions, cfg.n_head, hd, kq_scale, a)
-            record(f"kqv_out-{il}", a)
-            a = rms_norm(a, layer.attn_sub_norm, eps)
-            record(f"attn_sub_norm-{il}", a)
-            x = x + layer.wo(*self._quantize(a))
-            record(f"ffn_inp-{il}", x)
-
-            h = rms_norm(x, layer.ffn_norm, eps)
-            hq = self._quantize(h)
-            g, u = layer.w_gate(*hq), layer.w_up(*hq)
-            f = np.empty_like(g)
-            kernels.gated_ffn(g, u, relu2, f)
-            record(f"ffn_sub_out-{il}", f)
-            f = rms_norm(f, layer.ffn_sub_norm, eps)
-            record(f"ffn_sub_norm-{il}", f)
-            x = x + layer.w_down(*self._quantize(f))
-            record(f"l_out-{il}", x)
+        for il in range(len(self.layers)):
+            x = self._layer(il, x, positions, slots, rope, record)
         self.cache.commit(positions, slots)
 
         if logits_for is not None:
             x = np.ascontiguousarray(x[logits_for])
-        y = rms_norm(x, self.output_norm, eps)
+        y = rms_norm(x, self.output_norm, cfg.rms_eps)
         record("result_norm", y)
         return self.head.matmul(y)
+
+    def run_layer(
+        self,
+        il: int,
+        x: np.ndarray,
+        positions: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
+        trace: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Layer ``il`` alone on hidden states ``x`` float32[T, n_embd] (writes its K/V; lengths unchanged).
+
+        For checking one layer against llama.cpp's dump given llama.cpp's own input to it.
+        """
+        positions = np.asarray(positions, dtype=np.int32)
+        slots = np.asarray(slots, dtype=np.int32)
+        self.cache.check_batch(positions, slots)
+        rope = rope_tables(positions, self.config.rope_dim, self.config.rope_base)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self._layer(il, x, positions, slots, rope, _recorder(trace))
+
+    def _layer(
+        self,
+        il: int,
+        x: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        rope: tuple[np.ndarray, np.ndarray],
+        record: Callable[[str, np.ndarray], None],
+    ) -> np.ndarray:
+        cfg, layer = self.config, self.layers[il]
+        n_tok, hd, eps = x.shape[0], cfg.head_dim, cfg.rms_eps
+        cos, sin = rope
+        h = rms_norm(x, layer.attn_norm, eps)
+        record(f"attn_norm-{il}", h)
+        hq = self._quantize(h)
+        q, k, v = layer.wq(*hq), layer.wk(*hq), layer.wv(*hq)
+        kernels.apply_rope(q, cos, sin, cfg.n_head, hd, cfg.rope_dim, cfg.rope_neox)
+        kernels.apply_rope(k, cos, sin, cfg.n_head_kv, hd, cfg.rope_dim, cfg.rope_neox)
+        k_cache, v_cache = self.cache.k[il], self.cache.v[il]
+        k_cache[slots, positions] = k.reshape(n_tok, cfg.n_head_kv, hd)
+        v_cache[slots, positions] = v.reshape(n_tok, cfg.n_head_kv, hd)
+        a = np.empty_like(q)
+        kernels.attention(q, k_cache, v_cache, slots, positions, cfg.n_head, hd, self._kq_scale, a)
+        record(f"kqv_out-{il}", a)
+        if layer.attn_sub_norm is not None:
+            a = rms_norm(a, layer.attn_sub_norm, eps)
+            record(f"attn_sub_norm-{il}", a)
+        x = x + layer.wo(*self._quantize(a))
+        record(f"ffn_inp-{il}", x)
+
+        h = rms_norm(x, layer.ffn_norm, eps)
+        hq = self._quantize(h)
+        g, u = layer.w_gate(*hq), layer.w_up(*hq)
+        f = np.empty_like(g)
+        kernels.gated_ffn(g, u, self.ffn_act == "relu2", f)
+        record(f"ffn_sub_out-{il}", f)
+        if layer.ffn_sub_norm is not None:
+            f = rms_norm(f, layer.ffn_sub_norm, eps)
+            record(f"ffn_sub_norm-{il}", f)
+        x = x + layer.w_down(*self._quantize(f))
+        record(f"l_out-{il}", x)
+        return x
+
+
+def _recorder(trace: dict[str, np.ndarray] | None) -> Callable[[str, np.ndarray], None]:
+    def record(name: str, value: np.ndarray) -> None:
+        if trace is not None:
+            trace[name] = value.copy()
+
+    return record
+
+
+def load_transformer(
+    model_file: ModelFile,
+    *,
+    n_slots: int = 1,
+    n_ctx: int | None = None,
+    act_quant: str = "q8k",
+    ffn_act: str | None = None,
+    matrix_type: type = TernaryMatrix,
+) -> Transformer:
+    """Repack a validated model file into the compute layouts (``matrix_type`` for the ternary linears)."""
+    mf = model_file
+
+    def vector(info: Any) -> np.ndarray | None:
+        return None if info is None else np.ascontiguousarray(mf.dequantize(info), dtype=np.float32)
+
+    def linear(lin: Any) -> Linear:
+        codes, scales, block = mf.ternary_codes(lin)
+        return Linear(matrix_type.from_codes(codes, scales, block), lin.scale)
+
+    def dense(info: Any) -> DenseMatrix:
+        return dense_matrix(info.ggml_type, info.raw, info.shape, lambda: mf.dequantize(info))
+
+    layers = []
+    for il in range(mf.config.n_layer):
+        t = mf.layer(il)
+        layers.append(
+            Layer(
+                attn_norm=vector(t.attn_norm),
+                wq=linear(t.attn_q),
+                wk=linear(t.attn_k),
+                wv=linear(t.attn_v),
+                attn_sub_norm=vector(t.attn_sub_norm),
+                wo=linear(t.attn_output),
+                ffn_norm=vector(t.ffn_norm),
+                w_gate=linear(t.ffn_gate),
+                w_up=linear(t.ffn_up),
+                ffn_sub_norm=vector(t.ffn_sub_norm),
+                w_down=linear(t.ffn_down),
+            )
+        )
+    embedding = dense(mf.token_embd)
+    head = embedding if mf.config.tied_head else dense(mf.output)
+    return Transformer(
+        mf.config,
+        embedding,
+        head,
+        layers,
+        vector(mf.output_norm),
+        n_slots=n_slots,
+        n_ctx=n_ctx,
+        act_quant=act_quant,
+        ffn_act=ffn_act,
+    )

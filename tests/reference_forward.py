@@ -15,7 +15,7 @@ Run as a script to print the reference next to llama.cpp's logits for one oracle
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,10 @@ LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 
 
 def q8k_roundtrip(x: np.ndarray) -> np.ndarray:
-    """Q8_K quantize-dequantize rows of ``x`` (float32 arithmetic as llama.cpp's reference C code)."""
+    """Q8_K quantize-dequantize rows of ``x`` as llama.cpp's C code: float32 ``iscale = -127/max``, then the
+    exact product ``iscale·x`` rounded half to even (its build fuses the product and the rounding trick into
+    one FMA).
+    """
     x32 = np.asarray(x, dtype=np.float32)
     t, k = x32.shape
     blocks = x32.reshape(t, k // 256, 256)
@@ -32,7 +35,7 @@ def q8k_roundtrip(x: np.ndarray) -> np.ndarray:
     signed_max = np.take_along_axis(blocks, first_max[:, :, None], axis=2)
     safe = np.where(signed_max == 0, np.float32(1.0), signed_max)
     iscale = np.float32(-127.0) / safe
-    q = np.minimum(np.float32(127.0), np.rint(iscale * blocks))
+    q = np.minimum(127.0, np.rint(iscale.astype(np.float64) * blocks.astype(np.float64)))
     d = np.float32(1.0) / iscale
     out = q.astype(np.float64) * d.astype(np.float64)
     return np.where(signed_max == 0, 0.0, out).reshape(t, k)
@@ -163,6 +166,106 @@ def reference_forward(
     return ACT_EMULATIONS[head_act](y) @ head.T
 
 
+# ---------------------------------------------------------------- comparing int8 engines: near-tie roundings
+
+
+def tie_distance(x: np.ndarray, act_quant: str) -> np.ndarray:
+    """How far (in int8 steps) each exact ``x·scale`` of a quantizer lies from a rounding tie (k + 1/2).
+
+    Two correct implementations that differ by float32 round-off may round such a value differently; the
+    choice then propagates through every later layer (and, through attention, every later token).
+    """
+    x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
+    x32 = np.asarray(x, dtype=np.float32)
+    if act_quant == "q8k":
+        blocks = x32.reshape(x32.shape[0], -1, 256)
+        first_max = np.abs(blocks).argmax(axis=2)
+        signed_max = np.take_along_axis(blocks, first_max[:, :, None], axis=2)
+        iscale = np.float32(-127.0) / np.where(signed_max == 0, np.float32(1.0), signed_max)
+        v = (iscale.astype(np.float64) * blocks.astype(np.float64)).reshape(x32.shape)
+    else:
+        amax = np.abs(x32).max(axis=1, keepdims=True)
+        v = x64 * (np.float32(127.0) / np.where(amax == 0, np.float32(1.0), amax)).astype(np.float64)
+    return np.abs(v - np.floor(v) - 0.5)
+
+
+class NearTieFlipper:
+    """Wraps an engine model's quantizer (``model._quantize``) to record and flip near-tie roundings.
+
+    ``flips`` holds (call index, row, column) triples whose int8 value is moved to the other integer next to
+    the exact product; every forward pass counts quantizer calls from 0.
+    """
+
+    def __init__(self, model: Any, act_quant: str) -> None:
+        self.model, self.act_quant = model, act_quant
+        self.inner = model._quantize
+        self.flips: set[tuple[int, int, int]] = set()
+        self.distances: list[np.ndarray] = []
+        model._quantize = self
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xq, scale = self.inner(x)
+        dist = tie_distance(x, self.act_quant)
+        call = len(self.distances)
+        self.distances.append(dist)
+        for c, t, j in self.flips:
+            if c == call:
+                xq = xq.copy()
+                xq[t, j] += 1 if x[t, j] / scale[t, j * scale.shape[1] // x.shape[1]] > xq[t, j] else -1
+        return xq, scale
+
+    def restore(self) -> None:
+        self.model._quantize = self.inner
+
+
+def explain_by_near_ties(
+    model: Any,
+    act_quant: str,
+    run: Callable[[], np.ndarray],
+    want: np.ndarray,
+    *,
+    atol: float = 1e-3,
+    max_flips: int = 8,
+    tie_tol: float = 2e-5,
+) -> list[tuple[int, int, int, float]]:
+    """Show that ``run()`` (a batch forward, rows = tokens) differs from ``want`` only by near-tie roundings.
+
+    Greedy: at the first row off by more than ``atol``, flip the rounding within ``tie_tol`` of a tie, in that
+    row, that best repairs it; repeat until every row is within ``atol``. Returns the flips (call, row,
+    column, distance); raises AssertionError if that cannot explain the difference (a real discrepancy).
+    """
+    flipper = NearTieFlipper(model, act_quant)
+    found: list[tuple[int, int, int, float]] = []
+    try:
+        for _ in range(max_flips + 1):
+            flipper.distances.clear()
+            err = np.abs(run() - want).reshape(want.shape[0], -1).max(axis=1)
+            if err.max() <= atol:
+                return found
+            row = int(np.argmax(err > atol))
+            candidates = sorted(
+                (float(d[row, j]), call, row, int(j))
+                for call, d in enumerate(list(flipper.distances))
+                for j in np.flatnonzero(d[row] < tie_tol)
+            )
+            best: tuple[float, tuple[int, int, int, float]] | None = None
+            for dist, call, r, j in candidates:
+                flipper.flips.add((call, r, j))
+                flipper.distances.clear()
+                row_err = float(np.abs(run() - want)[row].max())
+                flipper.flips.discard((call, r, j))
+                if best is None or row_err < best[0]:
+                    best = (row_err, (call, r, j, dist))
+            assert best is not None and best[0] < err[row], (
+                f"row {row} differs by {err[row]:.3g} and no rounding within {tie_tol} of a tie explains it"
+            )
+            flipper.flips.add(best[1][:3])
+            found.append(best[1])
+        raise AssertionError(f"more than {max_flips} near-tie flips would be needed: {found}")
+    finally:
+        flipper.restore()
+
+
 HEAD_ACT_FOR_TYPE = {1: "f16", 8: "q8_0", 14: "q8k"}  # ggml type of the head → llama.cpp's activation format
 
 
@@ -171,7 +274,7 @@ def load_gguf(path: str) -> tuple[Any, dict[str, np.ndarray], str | None]:
     from ternary.formats.model_file import open_model
 
     mf = open_model(path)
-    gguf = mf.gguf if hasattr(mf, "gguf") else mf.file
+    gguf = mf.gguf
     tensors = {name: gguf.dequantize(name) for name in gguf.tensors}
     head_name = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
     return mf.config, tensors, HEAD_ACT_FOR_TYPE.get(gguf.tensors[head_name].ggml_type)
