@@ -18,9 +18,11 @@ inner loop. K must be a multiple of 256 and the weight block a multiple of 256 (
 from __future__ import annotations
 
 import numpy as np
-from ternary.engine import cpu_features, simd
+from ternary.engine import cpu_features, simd, topology
 from ternary.engine.kernels_fast import planar_matmul
 from ternary.engine.simd import BLOCK, ROW_BLOCK_BYTES, ROW_GROUP
+
+topology.configure_threading()  # omp: ~1 µs per parallel region, before any region runs
 
 LAYOUT_VERSION = 1
 ALIGNMENT = 128
