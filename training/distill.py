@@ -147,8 +147,9 @@ class ServerTeacher:
         k = self.top_k
         if self.echo:
             try:
-                reply = self._post({"prompt": list(seq), "max_tokens": 1, "echo": True, "logprobs": k,
-                                    "temperature": 0})  # fmt: skip
+                reply = self._post(
+                    {"prompt": list(seq), "max_tokens": 1, "echo": True, "logprobs": k, "temperature": 0}
+                )
                 tops = reply["choices"][0]["logprobs"]["top_logprobs"]
                 if len(tops) >= len(seq) + 1:
                     return [self._top(e or {}) for e in tops[1 : len(seq) + 1]]

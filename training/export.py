@@ -110,9 +110,15 @@ def export_checkpoint(
     tensors = export_tensors(m, params)
     try:
         write_model(
-            out, model_config(m), tensors, tokenizer, linear_type, embed_type,
-            name=Path(cfg.run.out_dir).name or "ternary", hidden_act=True,
-        )  # fmt: skip
+            out,
+            model_config(m),
+            tensors,
+            tokenizer,
+            linear_type,
+            embed_type,
+            name=Path(cfg.run.out_dir).name or "ternary",
+            hidden_act=True,
+        )
     except ValueError as exc:
         raise ExportError(f"{ckpt} -> {out}: {exc}") from exc
     return Path(out)

@@ -78,8 +78,8 @@ class Optimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["rules"] != self.rules:
-            changed = sorted(k for k in set(state["rules"]) | set(self.rules)
-                             if state["rules"].get(k) != self.rules.get(k))  # fmt: skip
+            names = set(state["rules"]) | set(self.rules)
+            changed = sorted(k for k in names if state["rules"].get(k) != self.rules.get(k))
             raise ValueError(
                 f"optimizer state does not match this optimizer (rules differ for {changed[:5]})"
             )

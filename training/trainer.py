@@ -36,6 +36,7 @@ from ternary.training.schedule import lr_multiplier
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".toml")
 BYTE_SPECIALS = {"bos": "<|bos|>", "eos": "<|eos|>"}
 METRICS_NAME = "metrics.jsonl"
+LOG_NAME = "train.log"
 
 
 class TrainingError(RuntimeError):
@@ -111,8 +112,8 @@ class ByteWindows:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.state_dict()
-        wrong = [f"{k} {state.get(k)!r} != {v!r}" for k, v in mine.items() if k not in ("epoch", "batch")
-                 and state.get(k) != v]  # fmt: skip
+        fixed = {k: v for k, v in mine.items() if k not in ("epoch", "batch")}
+        wrong = [f"{k} {state.get(k)!r} != {v!r}" for k, v in fixed.items() if state.get(k) != v]
         if wrong:
             raise TrainingError(f"data position does not match this data: {', '.join(wrong)}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
@@ -178,7 +179,7 @@ class Trainer:
         log: Callable[[str], None] | None = None,
         teacher: Any = None,
     ):
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or self._log_to_stderr_and_file
         self.xp = backend.load(device)
         self.device = device
         self.loader, self.tokenizer_metadata, n_vocab = open_data(cfg.data, cfg.run.seed)
@@ -195,6 +196,7 @@ class Trainer:
             )
         self.cfg = cfg
         self.out_dir = Path(cfg.run.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model = Transformer(cfg.model, self.xp)
         self.rng = np.random.default_rng(cfg.run.seed)
         self.params = {k: self.xp.asarray(v) for k, v in init_params(cfg.model, self.rng).items()}
@@ -206,6 +208,14 @@ class Trainer:
             from ternary.training.distill import make_teacher
 
             self.teacher = make_teacher(cfg.distill, self.tokenizer_metadata)
+
+    def _log_to_stderr_and_file(self, msg: str) -> None:
+        """The default log: stderr, and `train.log` in run.out_dir once that folder exists."""
+        print(msg, file=sys.stderr, flush=True)
+        out_dir = getattr(self, "out_dir", None)
+        if out_dir is not None and out_dir.is_dir():
+            with open(out_dir / LOG_NAME, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
 
     # ----------------------------------------------------------------------------------- one step
 
@@ -221,9 +231,15 @@ class Trainer:
             if self.teacher is not None and cfg.distill.weight > 0:
                 teacher = self.teacher.targets(ids, cfg.distill.temperature, cfg.distill.top_k)
             stats, g = self.model.loss_and_grads(
-                self.params, ids, targets, 1.0 / n_tokens, cfg.run.entropy_weight, teacher,
-                cfg.distill.weight, cfg.distill.temperature,
-            )  # fmt: skip
+                self.params,
+                ids,
+                targets,
+                grad_scale=1.0 / n_tokens,
+                entropy_weight=cfg.run.entropy_weight,
+                teacher=teacher,
+                distill_weight=cfg.distill.weight,
+                temperature=cfg.distill.temperature,
+            )
             ce, ent, kl = ce + stats.ce_sum, ent + stats.entropy_sum, kl + stats.kl_sum
             max_logit = max(max_logit, stats.max_abs_logit)
             if grads:
@@ -242,9 +258,16 @@ class Trainer:
         self.step += 1
         self.tokens_seen += n_tokens
         return StepStats(
-            self.step, loss, ce / n_tokens, ent / n_tokens, kl / n_tokens, grad_norm,
-            mult * cfg.optim.lr, max_logit, n_tokens,
-        )  # fmt: skip
+            self.step,
+            loss,
+            ce / n_tokens,
+            ent / n_tokens,
+            kl / n_tokens,
+            grad_norm,
+            mult * cfg.optim.lr,
+            max_logit,
+            n_tokens,
+        )
 
     # ----------------------------------------------------------------------------------- the loop
 
