@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -179,8 +180,6 @@ def _token_text(tok: Any, token: int | None) -> str:
 
 def _warm_up(engine: Any, tok: Any) -> None:
     """Compile the kernels before reporting ready: a prompt chunk, then a decode step, on slot 0."""
-    import numpy as np
-
     first = tok.bos_id if tok.bos_id is not None else 0
     engine.reset_slot(0)
     engine.eval_batch(np.array([first, first], np.int32), np.array([0, 1], np.int32), np.zeros(2, np.int32))
@@ -357,7 +356,9 @@ async def _generate(request: Request, chat: bool) -> Response:
         sampler=Sampler(opts.sampling),
         text=TextStream(_decoder(served.tokenizer), stop),
         emit=channel.emit,
-        logit_bias=opts.logit_bias,
+        logit_bias={**opts.logit_bias, **dict.fromkeys(served.tokenizer.eog_ids, -np.inf)}
+        if opts.ignore_eos
+        else opts.logit_bias,
         logprobs=opts.logprobs,
         top_logprobs=opts.top_logprobs,
     )

@@ -50,6 +50,7 @@ class GenerationOptions:
     stream: bool
     include_usage: bool
     num_ctx: int | None  # Ollama's per-request context cap; None: the slot's full context
+    ignore_eos: bool = False  # llama-server's: never sample an end-of-generation token
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -168,6 +169,7 @@ def parse_generation_options(
         stream=stream,
         include_usage=include_usage,
         num_ctx=num_ctx,
+        ignore_eos=_bool(f, "ignore_eos", False),
     )
 
 

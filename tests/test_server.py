@@ -309,7 +309,7 @@ def test_stop_string_truncates(client, tokenizer, reference):
 
 def test_max_tokens_and_ollama_num_predict(client):
     r = client.completions.create(
-        model=MODEL_ID, prompt="hello", max_tokens=3, temperature=0, logit_bias={"1793": -100}
+        model=MODEL_ID, prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
     )
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
     r = client.completions.create(
@@ -483,9 +483,7 @@ def test_load_32_concurrent_clients_without_errors(server, client):
 
 def test_client_disconnect_frees_the_slot(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    body = json.dumps(
-        {"prompt": "x", "max_tokens": 200, "stream": True, "logit_bias": {"1793": -100, "1801": -100}}
-    )
+    body = json.dumps({"prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True})
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
@@ -515,9 +513,7 @@ def small_server(tmp_path_factory) -> Iterator[LiveServer]:
 def test_busy_server_refuses_at_once_then_recovers(small_server):
     auth = {"Authorization": "Bearer sekrit"}
     conn = http.client.HTTPConnection("127.0.0.1", small_server.port, timeout=60)
-    body = json.dumps(
-        {"prompt": "x", "max_tokens": 200, "stream": True, "logit_bias": {"1793": -100, "1801": -100}}
-    )
+    body = json.dumps({"prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True})
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", **auth})
     resp = conn.getresponse()
     resp.fp.readline()

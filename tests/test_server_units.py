@@ -7,7 +7,9 @@ import json
 import re
 
 import pytest
+from conftest import ORACLE
 from ternary.engine.sampling import SamplingParams
+from ternary.formats.tokenizer import StreamDecoder, Tokenizer
 from ternary.server import params
 from ternary.server.chat_template import ChatTemplate
 from ternary.server.errors import APIError
@@ -71,6 +73,25 @@ def test_earliest_of_several_stop_strings_wins():
 def test_stop_string_with_multibyte_characters():
     pieces, _ = stream_bytes("x→y←z".encode(), stop=["←"])
     assert "".join(pieces) == "x→y"
+
+
+def test_real_tokenizer_stream_never_splits_characters():
+    tok = Tokenizer.from_gguf(ORACLE / "tiny-tq2_0-f16.gguf")
+    text = "naïve café → 𝄞 日本語"
+    ids = tok.encode(text)
+
+    def whole(raw: bytes) -> bool:
+        try:
+            raw.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    assert not all(whole(tok.token_bytes(i)) for i in ids)  # the tiny vocab spells these with byte tokens
+    ts = TextStream(StreamDecoder(tok, special=False, strip_leading_space=False))
+    pieces = [ts.push(i) for i in ids] + [ts.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
 
 
 def test_truncated_character_at_the_end_becomes_a_replacement_character():
@@ -148,6 +169,7 @@ def test_ollama_options_are_aliases_and_top_level_wins():
         temperature=0.3, top_k=2, top_p=0.7, min_p=0.2, repeat_penalty=1.3, seed=5
     )
     assert options({"options": {"num_predict": -1}}).max_tokens is None
+    assert options({"ignore_eos": True}).ignore_eos and not options({}).ignore_eos
 
 
 def test_legacy_completion_logprobs_is_an_int():
