@@ -1,9 +1,7 @@
 """Checkpoint → GGUF export: tensors, types and keys against the spec, and the file's logits against the
-trainer's own forward (through the float64 reference forward pass, and ternary.Engine when present)."""
+trainer's own forward (through the float64 reference forward pass and through ternary.Engine)."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import numpy as np
 import pytest
@@ -98,9 +96,6 @@ def test_exported_logits_match_the_trainer(trained, tmp_path, linear_type, embed
     assert np.mean(ours.argmax(-1) == theirs.argmax(-1)) >= 0.9
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("ternary.engine.engine") is None, reason="ternary.engine.engine not there yet"
-)
 def test_engine_logits_match_the_trainer(trained, tmp_path):
     from ternary import Engine
 
@@ -111,7 +106,8 @@ def test_engine_logits_match_the_trainer(trained, tmp_path):
     theirs = np.asarray(engine.logits(ids), dtype=np.float64).reshape(len(ids), -1)
     ours = trainer.model.logits(trainer.params, np.array([ids]))[0]
     diff = np.abs(ours - theirs)
-    assert diff.mean() < 0.02 * ours.std() and diff.max() < 0.5 * ours.std()
+    print(f"engine vs trainer: max {diff.max():.4f} mean {diff.mean():.5f} (logit std {ours.std():.3f})")
+    assert diff.mean() < 0.01 * ours.std() and diff.max() < 0.1 * ours.std()
     assert np.mean(ours.argmax(-1) == theirs.argmax(-1)) >= 0.9
 
 
