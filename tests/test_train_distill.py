@@ -147,3 +147,21 @@ def test_distillation_run_pulls_the_student_toward_the_teacher(tmp_path):
     first, last = history[0].kl, np.mean([s.kl for s in history[-5:]])
     assert first > 1.0 and last < 0.5 * first, (first, last)
     assert history[-1].loss == pytest.approx(history[-1].ce + history[-1].kl)
+
+
+def test_engine_teacher_from_a_gguf(oracle_dir):
+    from ternary.training.config import DistillConfig
+    from ternary.training.distill import make_teacher
+
+    from ternary import Engine
+
+    path = str(oracle_dir / "tiny-tq2_0-f16.gguf")
+    teacher = make_teacher(DistillConfig(teacher=path, top_k=0), None, 2048)
+    batch = np.array([[1, 17, 300, 5], [9, 8, 7, 6]])
+    ids, p = teacher.targets(batch, 1.0, 0)
+    assert ids.shape == p.shape == (8, 2048)
+    z = np.asarray(Engine(path).logits([9, 8, 7, 6]), dtype=np.float64)
+    want = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(p[4:], want / want.sum(1, keepdims=True), rtol=1e-4, atol=1e-7)
+    with pytest.raises(TeacherError, match="vocabulary 2048 != the student's 258"):
+        make_teacher(DistillConfig(teacher=path), None, 258)

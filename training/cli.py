@@ -47,6 +47,7 @@ def main() -> None:
 @click.option("--out-dir", help="shorthand for --set run.out_dir=DIR")
 @click.option("--steps", type=int, help="shorthand for --set schedule.steps=N")
 def train(config_path, preset, device, resume, overrides, out_dir, steps) -> None:
+    from ternary.training.distill import TeacherError
     from ternary.training.trainer import Trainer, TrainingError
 
     try:
@@ -75,7 +76,7 @@ def train(config_path, preset, device, resume, overrides, out_dir, steps) -> Non
             f"device {device}, step {trainer.step} -> {cfg.schedule.steps}, out {cfg.run.out_dir}"
         )
         trainer.fit()
-    except (ConfigError, TrainingError, CheckpointError, BackendError) as exc:
+    except (ConfigError, TrainingError, CheckpointError, BackendError, TeacherError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -186,8 +186,9 @@ class ServerTeacher:
         return out_ids, out_p
 
 
-def make_teacher(cfg: DistillConfig, tokenizer_metadata: Mapping[str, Any] | None) -> Teacher:
-    """The teacher named by `distill.teacher`: a .gguf path (ternary.Engine) or an http(s) URL."""
+def make_teacher(cfg: DistillConfig, tokenizer_metadata: Mapping[str, Any] | None, n_vocab: int) -> Teacher:
+    """The teacher named by `distill.teacher` (a .gguf path for ternary.Engine, or an http(s) URL), checked
+    against the student's vocabulary size `n_vocab` where the teacher states its own."""
     if cfg.teacher.startswith(("http://", "https://")):
         if not tokenizer_metadata:
             raise TeacherError("distill.teacher is a server, but the data has no tokenizer to map its tokens")
@@ -196,5 +197,10 @@ def make_teacher(cfg: DistillConfig, tokenizer_metadata: Mapping[str, Any] | Non
         from ternary import Engine
 
         engine = Engine(cfg.teacher)
-        return EngineTeacher(engine, engine.config.n_vocab)
+        if engine.config.n_vocab != n_vocab:
+            raise TeacherError(
+                f"distill.teacher {cfg.teacher}: vocabulary {engine.config.n_vocab} != the student's "
+                f"{n_vocab}; teacher and student must share one tokenizer"
+            )
+        return EngineTeacher(engine, n_vocab)
     raise TeacherError(f"distill.teacher {cfg.teacher!r}: expected a .gguf path or an http(s):// URL")

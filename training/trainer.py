@@ -207,7 +207,7 @@ class Trainer:
         if self.teacher is None and cfg.distill.teacher:
             from ternary.training.distill import make_teacher
 
-            self.teacher = make_teacher(cfg.distill, self.tokenizer_metadata)
+            self.teacher = make_teacher(cfg.distill, self.tokenizer_metadata, cfg.model.n_vocab)
 
     def _log_to_stderr_and_file(self, msg: str) -> None:
         """The default log: stderr, and `train.log` in run.out_dir once that folder exists."""
