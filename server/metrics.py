@@ -74,7 +74,8 @@ class Metrics:
             self.prompt_tokens += finished.prompt_tokens
             self.generated_tokens += finished.completion_tokens
             self.generations[finished.reason] += 1
-            self.first_token.observe(finished.prompt_ms / 1e3)
+            if finished.completion_tokens:
+                self.first_token.observe(finished.prompt_ms / 1e3)
 
     def render(self, gauges: dict[str, tuple[str, float]]) -> str:
         """The exposition text; `gauges` are point-in-time values (name -> (help, value)) the caller knows."""

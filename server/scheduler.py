@@ -191,6 +191,8 @@ class Scheduler:
                     return
                 for job in [j for j in self._active if j.cancelled]:
                     self._release(job)
+                    if self.observer is not None:
+                        self.observer.on_finished(self._summary(job, "cancelled"))
                 self._admit()
                 batch = self._plan()
             if batch is not None:
@@ -332,17 +334,21 @@ class Scheduler:
         if event is not None and not (isinstance(event, Delta) and not event.text and not event.logprobs):
             self._send(job, event)
         if reason:
-            done = time.perf_counter()
-            finished = Finished(
-                reason=reason,
-                prompt_tokens=len(job.prompt),
-                completion_tokens=job.generated,
-                prompt_ms=(job.t_first - job.t_admit) * 1e3,
-                predicted_ms=(done - job.t_first) * 1e3,
-            )
+            finished = self._summary(job, reason)
             if self.observer is not None:
                 self.observer.on_finished(finished)
             self._send(job, finished)
+
+    def _summary(self, job: Job, reason: str) -> Finished:
+        now = time.perf_counter()
+        first = job.t_first if job.generated else now
+        return Finished(
+            reason=reason,
+            prompt_tokens=len(job.prompt),
+            completion_tokens=job.generated,
+            prompt_ms=(first - job.t_admit) * 1e3,
+            predicted_ms=(now - first) * 1e3,
+        )
 
     def _send(self, job: Job, event: Event) -> None:
         try:

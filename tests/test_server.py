@@ -481,25 +481,34 @@ def test_load_32_concurrent_clients_without_errors(server, client):
     assert json.loads(props)["busy_slots"] == 0
 
 
-def test_client_disconnect_frees_the_slot(server):
+def cancelled_count(server: LiveServer) -> int:
+    text = get(server.url + "/metrics")[1].decode()
+    found = re.search(r'^ternary_generations_total\{reason="cancelled"\} (\d+)', text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_stops_generation_and_frees_the_slot(server, stream):
+    before = cancelled_count(server)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    body = json.dumps({"prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True})
+    body = json.dumps({"prompt": "x", "max_tokens": 250, "stream": stream, "ignore_eos": True})
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    resp.fp.readline()  # the first event arrives: the job holds a slot
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.fp.readline()  # the first event arrived: the job holds a slot
+    else:
+        deadline = time.monotonic() + 30
+        while json.loads(get(server.url + "/props")[1])["busy_slots"] == 0:
+            assert time.monotonic() < deadline, "the request never took a slot"
+            time.sleep(0.02)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        props = json.loads(get(server.url + "/props")[1])
-        if props["busy_slots"] == 0:
-            break
-        time.sleep(0.05)
-    assert props["busy_slots"] == 0
-    status, text = get(server.url + "/metrics")
-    generated = re.search(r"^ternary_generated_tokens_total (\d+)", text.decode(), re.M)
-    assert generated is not None
+    while json.loads(get(server.url + "/props")[1])["busy_slots"] != 0:
+        assert time.monotonic() < deadline, "the slot was never freed"
+        time.sleep(0.02)
+    assert cancelled_count(server) == before + 1  # stopped early, not run to 250 tokens
 
 
 @pytest.fixture(scope="module")
