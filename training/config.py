@@ -127,7 +127,9 @@ class ScheduleConfig:
         if self.steps <= 0:
             raise ConfigError(f"schedule.steps: must be positive, got {self.steps}")
         if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"schedule.warmup_steps: must be in [0, steps], got {self.warmup_steps}")
+            raise ConfigError(
+                f"schedule.warmup_steps: {self.warmup_steps} is not in [0, schedule.steps = {self.steps}]"
+            )
         if not 0 <= self.decay_frac <= 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("schedule.decay_frac and schedule.min_lr_ratio must be in [0, 1]")
         if self.decay_shape not in DECAY_SHAPES:
