@@ -58,7 +58,6 @@ class ServerSettings:
     max_waiting: int = 64
     api_key: str | None = None
     alias: str | None = None
-    warmup: bool = True
 
 
 EngineFactory = Callable[[ServerSettings], Any]
@@ -119,8 +118,6 @@ class ServerState:
             bos_token=_token_text(tok, tok.bos_id),
             eos_token=_token_text(tok, tok.eos_id),
         )
-        if s.warmup:
-            _warm_up(engine, tok)
         scheduler = Scheduler(
             engine,
             frozenset(tok.eog_ids),
@@ -176,15 +173,6 @@ def _metadata(engine: Any, path: str) -> dict[str, Any]:
 
 def _token_text(tok: Any, token: int | None) -> str:
     return "" if token is None else tok.token_bytes(token).decode("utf-8", errors="replace")
-
-
-def _warm_up(engine: Any, tok: Any) -> None:
-    """Compile the kernels before reporting ready: a prompt chunk, then a decode step, on slot 0."""
-    first = tok.bos_id if tok.bos_id is not None else 0
-    engine.reset_slot(0)
-    engine.eval_batch(np.array([first, first], np.int32), np.array([0, 1], np.int32), np.zeros(2, np.int32))
-    engine.eval_batch(np.array([first], np.int32), np.array([2], np.int32), np.zeros(1, np.int32))
-    engine.reset_slot(0)
 
 
 # ---------------------------------------------------------------- handlers

@@ -38,7 +38,6 @@ from ternary.server.app import ServerSettings, create_app
     "--api-key", envvar="TERNARY_API_KEY", default=None, help="Require this bearer key (env TERNARY_API_KEY)."
 )
 @click.option("-a", "--alias", default=None, help="Model name to report [default: the file name].")
-@click.option("--no-warmup", is_flag=True, help="Skip compiling the kernels before reporting ready.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def main(
     model_arg: str | None,
@@ -52,7 +51,6 @@ def main(
     max_queue: int,
     api_key: str | None,
     alias: str | None,
-    no_warmup: bool,
     log_level: str,
 ) -> None:
     """Serve MODEL (a BitNet GGUF) over llama-server's and OpenAI's HTTP API."""
@@ -71,7 +69,6 @@ def main(
         max_waiting=max_queue,
         api_key=api_key,
         alias=alias,
-        warmup=not no_warmup,
     )
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
