@@ -169,58 +169,62 @@ def reference_forward(
 # ---------------------------------------------------------------- comparing int8 engines: near-tie roundings
 
 
-def tie_distance(x: np.ndarray, act_quant: str) -> np.ndarray:
-    """How far (in int8 steps) each exact ``x·scale`` of a quantizer lies from a rounding tie (k + 1/2).
-
-    Two correct implementations that differ by float32 round-off may round such a value differently; the
-    choice then propagates through every later layer (and, through attention, every later token).
-    """
-    x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
+def exact_scaled(x: np.ndarray, mode: str) -> np.ndarray:
+    """The exact ``x · scale`` an int8 quantizer rounds (``mode``: q8k, per_token or q8_0), in float64."""
     x32 = np.asarray(x, dtype=np.float32)
-    if act_quant == "q8k":
-        blocks = x32.reshape(x32.shape[0], -1, 256)
+    rows = x32.shape[0]
+    if mode == "q8k":
+        blocks = x32.reshape(rows, -1, 256)
         first_max = np.abs(blocks).argmax(axis=2)
         signed_max = np.take_along_axis(blocks, first_max[:, :, None], axis=2)
-        iscale = np.float32(-127.0) / np.where(signed_max == 0, np.float32(1.0), signed_max)
-        v = (iscale.astype(np.float64) * blocks.astype(np.float64)).reshape(x32.shape)
+        scale = np.float32(-127.0) / np.where(signed_max == 0, np.float32(1.0), signed_max)
     else:
-        amax = np.abs(x32).max(axis=1, keepdims=True)
-        v = x64 * (np.float32(127.0) / np.where(amax == 0, np.float32(1.0), amax)).astype(np.float64)
-    return np.abs(v - np.floor(v) - 0.5)
+        blocks = x32.reshape(rows, -1, 32 if mode == "q8_0" else x32.shape[1])
+        amax = np.abs(blocks).max(axis=2, keepdims=True)
+        scale = np.float32(127.0) / np.where(amax == 0, np.float32(1.0), amax)
+    return (scale.astype(np.float64) * blocks.astype(np.float64)).reshape(x32.shape)
 
 
 class NearTieFlipper:
-    """Wraps an engine model's quantizer (``model._quantize``) to record and flip near-tie roundings.
+    """Wraps the int8 quantizers of an engine module to record, and flip, roundings next to a tie (k + 1/2).
 
-    ``flips`` holds (call index, row, column) triples whose int8 value is moved to the other integer next to
-    the exact product; every forward pass counts quantizer calls from 0.
+    Two correct implementations that differ by float32 round-off may round such a value differently; the
+    choice then propagates through every later layer (and, through attention, every later token). ``flips``
+    holds (call index, row, column) triples whose int8 value moves to the other integer next to the exact
+    product; calls are counted from 0 after every ``distances.clear()``.
     """
 
-    def __init__(self, model: Any, act_quant: str) -> None:
-        self.model, self.act_quant = model, act_quant
-        self.inner = model._quantize
+    MODES = {"quantize_q8k": "q8k", "quantize_per_token": "per_token", "quantize_q8_0": "q8_0"}
+
+    def __init__(self, quantizers: Any) -> None:
+        self.module = quantizers
+        self.originals = {name: getattr(quantizers, name) for name in self.MODES}
         self.flips: set[tuple[int, int, int]] = set()
         self.distances: list[np.ndarray] = []
-        model._quantize = self
+        for name, mode in self.MODES.items():
+            setattr(quantizers, name, self._wrap(self.originals[name], mode))
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xq, scale = self.inner(x)
-        dist = tie_distance(x, self.act_quant)
-        call = len(self.distances)
-        self.distances.append(dist)
-        for c, t, j in self.flips:
-            if c == call:
-                xq = xq.copy()
-                xq[t, j] += 1 if x[t, j] / scale[t, j * scale.shape[1] // x.shape[1]] > xq[t, j] else -1
-        return xq, scale
+    def _wrap(self, quantize: Callable, mode: str) -> Callable:
+        def wrapped(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            xq, scale = quantize(x)
+            v = exact_scaled(x, mode)
+            call = len(self.distances)
+            self.distances.append(np.abs(v - np.floor(v) - 0.5))
+            for c, t, j in self.flips:
+                if c == call:
+                    xq = xq.copy()
+                    xq[t, j] += 1 if v[t, j] > xq[t, j] else -1
+            return xq, scale
+
+        return wrapped
 
     def restore(self) -> None:
-        self.model._quantize = self.inner
+        for name, fn in self.originals.items():
+            setattr(self.module, name, fn)
 
 
 def explain_by_near_ties(
-    model: Any,
-    act_quant: str,
+    quantizers: Any,
     run: Callable[[], np.ndarray],
     want: np.ndarray,
     *,
@@ -230,11 +234,14 @@ def explain_by_near_ties(
 ) -> list[tuple[int, int, int, float]]:
     """Show that ``run()`` (a batch forward, rows = tokens) differs from ``want`` only by near-tie roundings.
 
+    ``quantizers`` is the engine module whose ``quantize_q8k`` / ``quantize_per_token`` / ``quantize_q8_0``
+    every int8 matmul (head included) goes through.
+
     Greedy: at the first row off by more than ``atol``, flip the rounding within ``tie_tol`` of a tie, in that
     row, that best repairs it; repeat until every row is within ``atol``. Returns the flips (call, row,
     column, distance); raises AssertionError if that cannot explain the difference (a real discrepancy).
     """
-    flipper = NearTieFlipper(model, act_quant)
+    flipper = NearTieFlipper(quantizers)
     found: list[tuple[int, int, int, float]] = []
     try:
         for _ in range(max_flips + 1):

@@ -1,0 +1,145 @@
+"""The engine against llama.cpp's numbers (shared/oracle): per-layer tensors and logits of four tiny models.
+
+Thresholds (q8k mode): per-layer tensors within 1e-4; logits with ≥98% top-1 agreement and
+mean|Δ|/std(logits) ≤ 0.01. Two correct int8 engines can still part ways where an activation lands within
+float32 round-off of a rounding tie (k + 1/2): the two sides round it differently and, on these random models,
+the difference spreads to every later layer and token. So where a threshold is missed, the test demands an
+explanation instead: ``explain_by_near_ties`` must repair every differing row by flipping roundings that lie
+within 2e-5 of a tie (a real bug cannot be repaired that way). Figures and flips print with ``pytest -s``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from conftest import ORACLE, ORACLE_MODELS
+from reference_forward import explain_by_near_ties
+from ternary.engine import activations
+from ternary.engine.engine import set_threads
+from ternary.engine.model import Transformer, load_transformer
+from ternary.formats.model_file import open_model
+
+MAX_FLIPS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One Numba thread: on a busy 2-core machine a 2-thread parallel region can stall a whole time slice."""
+    previous = numba.get_num_threads()
+    set_threads(1)
+    yield
+    set_threads(previous)
+
+
+def read_ids(path: Path) -> list[int]:
+    return [int(t) for t in path.read_text().split(",")]
+
+
+def agreement(got: np.ndarray, want: np.ndarray) -> tuple[float, float, float]:
+    """(top-1 agreement, mean|Δ|/std(want), max|Δ|)."""
+    diff = np.abs(got - want)
+    top1 = float(np.mean(got.argmax(axis=1) == want.argmax(axis=1)))
+    return top1, float(diff.mean() / want.std()), float(diff.max())
+
+
+_MODELS: dict[tuple[str, str], Transformer] = {}
+
+
+def model(name: str, act_quant: str = "q8k") -> Transformer:
+    key = (name, act_quant)
+    if key not in _MODELS:
+        with open_model(ORACLE / f"{name}.gguf") as mf:
+            _MODELS[key] = load_transformer(mf, act_quant=act_quant, n_ctx=128)
+    return _MODELS[key]
+
+
+def batch_logits(m: Transformer, ids: list[int]) -> np.ndarray:
+    m.reset_slot(0)
+    n = len(ids)
+    return m.forward(ids, np.arange(n), np.zeros(n, dtype=np.int32))
+
+
+def check_against_llama(
+    m: Transformer, ids: list[int], got: np.ndarray, want: np.ndarray, label: str
+) -> None:
+    top1, rel, worst = agreement(got, want)
+    print(f"\n{label}: top-1 {top1:.4f}, mean|Δ|/std {rel:.2e}, max|Δ| {worst:.2e}")
+    if top1 >= 0.98 and rel <= 0.01:
+        return
+    flips = explain_by_near_ties(activations, lambda: batch_logits(m, ids), want, atol=1e-3)
+    print(f"    explained by {len(flips)} near-tie roundings (call, row, column, distance): {flips}")
+    assert len(flips) <= MAX_FLIPS
+
+
+def test_layer_tensors_match_llama() -> None:
+    name = "tiny-tq2_0-f16"
+    folder = ORACLE / name / "prompt.batch.tensors"
+    names = (folder / "ORDER.txt").read_text().split()
+    want = {n: np.load(folder / f"{n}.npy") for n in names}
+    ids = read_ids(ORACLE / name / "prompt.batch.tokens.txt")
+    m = model(name)
+
+    def traced() -> np.ndarray:
+        trace: dict[str, np.ndarray] = {}
+        m.reset_slot(0)
+        m.forward(ids, np.arange(len(ids)), np.zeros(len(ids), dtype=np.int32), trace=trace)
+        assert set(trace) == set(names)
+        return np.concatenate([trace[n] for n in names], axis=1)
+
+    stacked = np.concatenate([want[n] for n in names], axis=1)
+    worst = np.abs(traced() - stacked).max()
+    print(f"\nper-layer tensors: max|Δ| {worst:.2e}")
+    if worst > 1e-4:
+        flips = explain_by_near_ties(activations, traced, stacked, atol=1e-4)
+        print(f"    explained by {len(flips)} near-tie roundings (call, row, column, distance): {flips}")
+        assert len(flips) <= MAX_FLIPS
+
+
+def test_each_layer_given_llamas_input_matches() -> None:
+    """Layer by layer from llama.cpp's own input to the layer: near-ties cannot pile up across layers."""
+    folder = ORACLE / "tiny-tq2_0-f16" / "prompt.batch.tensors"
+    m = model("tiny-tq2_0-f16")
+    n = np.load(folder / "embd.npy").shape[0]
+    for il in range(m.config.n_layer):
+        x = np.load(folder / ("embd.npy" if il == 0 else f"l_out-{il - 1}.npy"))
+        m.reset_slot(0)
+        trace: dict[str, np.ndarray] = {}
+        m.run_layer(il, x, np.arange(n), np.zeros(n, dtype=np.int32), trace)
+        # attention and its sub-norm see only llama.cpp's own layer input: these match to float32 round-off
+        for key in (f"attn_norm-{il}", f"kqv_out-{il}", f"attn_sub_norm-{il}", f"ffn_inp-{il}"):
+            np.testing.assert_allclose(trace[key], np.load(folder / f"{key}.npy"), atol=1e-4, err_msg=key)
+
+
+@pytest.mark.parametrize("case", ["prompt.batch", "rand64.batch"])
+@pytest.mark.parametrize("name", ORACLE_MODELS)
+def test_batch_logits_match_llama(name: str, case: str) -> None:
+    m = model(name)
+    ids = read_ids(ORACLE / name / f"{case}.tokens.txt")
+    want = np.load(ORACLE / name / f"{case}.logits.npy")
+    check_against_llama(m, ids, batch_logits(m, ids), want, f"{name} {case}")
+
+
+@pytest.mark.parametrize("name", ORACLE_MODELS)
+def test_one_token_at_a_time_matches_llama(name: str) -> None:
+    m = model(name)
+    ids = read_ids(ORACLE / name / "prompt.incr.tokens.txt")
+    want = np.load(ORACLE / name / "prompt.incr.logits.npy")
+    m.reset_slot(0)
+    incr = np.concatenate([m.forward([t], [i], [0]) for i, t in enumerate(ids)])
+    # the decode path and the batched prompt path agree, so the batch's near-tie analysis covers this one
+    assert np.abs(incr - batch_logits(m, ids)).max() <= 1e-4
+    check_against_llama(m, ids, incr, want, f"{name} prompt.incr")
+
+
+@pytest.mark.parametrize("name", ORACLE_MODELS)
+def test_per_token_mode_figures(name: str) -> None:
+    """BitNet's per-token activation scales are not what llama.cpp computes: report how far they land."""
+    m = model(name, "per_token")
+    for case in ("prompt.batch", "rand64.batch"):
+        ids = read_ids(ORACLE / name / f"{case}.tokens.txt")
+        top1, rel, worst = agreement(batch_logits(m, ids), np.load(ORACLE / name / f"{case}.logits.npy"))
+        print(f"\nper_token {name} {case}: top-1 {top1:.4f}, mean|Δ|/std {rel:.2e}, max|Δ| {worst:.2e}")
+        assert top1 >= 0.8 and rel <= 0.06
