@@ -57,13 +57,34 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 saying why it is not one."""
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit number, [[[[...]]]]
         raise APIError(
             400, f"We could not parse the JSON body of your request: {e}", code="invalid_json"
         ) from e
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    _check_strings(data)
     return data
+
+
+def _check_strings(data: Any) -> None:
+    """Refuse strings no UTF-8 text can hold: JSON escapes such as \\ud800 decode to lone surrogates."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                message = (
+                    "The request contains a lone UTF-16 surrogate escape (\\ud800-\\udfff): not valid text."
+                )
+                raise APIError(400, message, code="invalid_json") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def merged_fields(body: dict[str, Any]) -> dict[str, Any]:

@@ -369,8 +369,11 @@ def test_health_metrics_and_chat_page(server, client):
 # ---------------------------------------------------------------- bad input
 
 
+LONE_SURROGATES = rb'{"prompt": "\udc00", "messages": [{"role": "user", "content": "\ud800"}]}'
 BAD_GENERATION = [
     (b"{not json", 400, None, "invalid_json"),
+    (LONE_SURROGATES, 400, None, "invalid_json"),
+    (b"[" * 50000 + b"]" * 50000, 400, None, "invalid_json"),
     (b"[]", 400, None, "invalid_json"),
     ({"model": "gpt-4o"}, 404, "model", "model_not_found"),
     ({"max_tokens": -5}, 400, "max_tokens", "invalid_value"),

@@ -228,7 +228,11 @@ def test_json_body_errors():
     assert refused(params.parse_json_body, b"{not json").code == "invalid_json"
     assert refused(params.parse_json_body, b"[1, 2]").code == "invalid_json"
     assert refused(params.parse_json_body, b"\xff\xfe").code == "invalid_json"
+    assert refused(params.parse_json_body, b'{"prompt": ["ok", "\\ud800"]}').code == "invalid_json"
+    assert refused(params.parse_json_body, b'{"max_tokens": 1' + b"0" * 5000 + b"}").code == "invalid_json"
+    assert refused(params.parse_json_body, b"[" * 100000 + b"]" * 100000).code == "invalid_json"
     assert params.parse_json_body(b'{"a": 1}') == {"a": 1}
+    assert params.parse_json_body(rb'{"a": "\u00e9 \ud83d\ude00"}') == {"a": "é 😀"}  # a valid pair
 
 
 def test_model_names():
