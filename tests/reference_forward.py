@@ -148,16 +148,18 @@ def reference_forward(
             a[:, head] = p @ v[:, head // group]
         a = a.reshape(n, nh * hd)
         record(f"kqv_out-{il}", a)
-        a = rms_norm(a, t64(f"blk.{il}.attn_sub_norm.weight"), eps)
-        record(f"attn_sub_norm-{il}", a)
+        if f"blk.{il}.attn_sub_norm.weight" in tensors:  # BitNet's SubLN (absent in ``llama`` files)
+            a = rms_norm(a, t64(f"blk.{il}.attn_sub_norm.weight"), eps)
+            record(f"attn_sub_norm-{il}", a)
         x = x + linear(il, "attn_output", a)
         record(f"ffn_inp-{il}", x)
         h = rms_norm(x, t64(f"blk.{il}.ffn_norm.weight"), eps)
         g, u = linear(il, "ffn_gate", h), linear(il, "ffn_up", h)
         f = (np.maximum(g, 0.0) ** 2 if ffn_act == "relu2" else g / (1.0 + np.exp(-g))) * u
         record(f"ffn_sub_out-{il}", f)
-        f = rms_norm(f, t64(f"blk.{il}.ffn_sub_norm.weight"), eps)
-        record(f"ffn_sub_norm-{il}", f)
+        if f"blk.{il}.ffn_sub_norm.weight" in tensors:
+            f = rms_norm(f, t64(f"blk.{il}.ffn_sub_norm.weight"), eps)
+            record(f"ffn_sub_norm-{il}", f)
         x = x + linear(il, "ffn_down", f)
         record(f"l_out-{il}", x)
     y = rms_norm(x, t64("output_norm.weight"), eps)
