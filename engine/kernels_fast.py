@@ -59,9 +59,10 @@ def activation_sums(xq):
     for t in range(n_tok):
         total = 0
         for b in range(nb):
-            s = 0
-            for j in range(b * BLOCK, (b + 1) * BLOCK):
-                s += np.int32(xq[t, j])
+            block = xq[t, b * BLOCK : (b + 1) * BLOCK]
+            s = np.int32(0)
+            for j in range(BLOCK):
+                s += np.int32(block[j])
             block_sums[t, b] = s
             total += s
         token_sums[t] = total
@@ -73,26 +74,32 @@ def activation_sums(xq):
 
 @njit(cache=True, inline="always")
 def _byte_dot(byte, x0, x1, x2, x3):
-    """Σ code·x over the four 2-bit codes of one packed byte (code s at bits 2s meets x_s)."""
-    b = np.int64(byte)
+    """Σ code·x over the four 2-bit codes of one packed byte (code s at bits 2s meets x_s), in int32."""
+    b = np.int32(byte)
     return (b & 3) * x0 + ((b >> 2) & 3) * x1 + ((b >> 4) & 3) * x2 + (b >> 6) * x3
 
 
 @njit(cache=True)
 def generic_acc_dot(acc, packed, offset, x, x_offset):
     """``acc`` + Σ code·x for the 4 rows of the group-block at ``packed[offset:]`` (activations at
-    ``x[x_offset:]``)."""
-    s0, s1, s2, s3 = acc
+    ``x[x_offset:]``).
+
+    Slices first, then loop indices from ``range``: LLVM sees non-negative indices (no wraparound fix-ups)
+    and vectorizes the loop; indexing with ``offset + j`` directly runs 5× slower.
+    """
+    w = packed[offset : offset + GROUP_BLOCK_BYTES]
+    xb = x[x_offset : x_offset + BLOCK]
+    s0 = s1 = s2 = s3 = np.int32(0)
     for j in range(ROW_BLOCK_BYTES):
-        x0 = np.int64(x[x_offset + j])
-        x1 = np.int64(x[x_offset + 64 + j])
-        x2 = np.int64(x[x_offset + 128 + j])
-        x3 = np.int64(x[x_offset + 192 + j])
-        s0 += _byte_dot(packed[offset + j], x0, x1, x2, x3)
-        s1 += _byte_dot(packed[offset + 64 + j], x0, x1, x2, x3)
-        s2 += _byte_dot(packed[offset + 128 + j], x0, x1, x2, x3)
-        s3 += _byte_dot(packed[offset + 192 + j], x0, x1, x2, x3)
-    return s0, s1, s2, s3
+        x0 = np.int32(xb[j])
+        x1 = np.int32(xb[64 + j])
+        x2 = np.int32(xb[128 + j])
+        x3 = np.int32(xb[192 + j])
+        s0 += _byte_dot(w[j], x0, x1, x2, x3)
+        s1 += _byte_dot(w[64 + j], x0, x1, x2, x3)
+        s2 += _byte_dot(w[128 + j], x0, x1, x2, x3)
+        s3 += _byte_dot(w[192 + j], x0, x1, x2, x3)
+    return acc[0] + s0, acc[1] + s1, acc[2] + s2, acc[3] + s3
 
 
 @njit(cache=True)
