@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class Served:
     names: frozenset[str]
     n_ctx: int
     n_vocab: int
-    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokenizer(self) -> Any:
@@ -107,12 +106,12 @@ class ServerState:
         self.started = time.time()
 
     def load(self) -> None:
-        """Load the engine, warm its kernels up, start the scheduler (runs on a background thread)."""
+        """Load the engine (it compiles its kernels), start the scheduler; runs on a background thread."""
         s = self.settings
         t0 = time.perf_counter()
         engine = self.engine_factory(s)
         tok = engine.tokenizer
-        metadata = _metadata(engine, s.model)
+        metadata = _metadata(s.model)
         template = ChatTemplate(
             metadata.get("tokenizer.chat_template"),
             bos_token=_token_text(tok, tok.bos_id),
@@ -138,7 +137,6 @@ class ServerState:
             names=frozenset(names),
             n_ctx=int(engine.n_ctx),
             n_vocab=int(tok.n_vocab),
-            metadata=metadata,
         )
         log.info(
             "model %s loaded in %.1f s (%d slots x %d context)",
@@ -160,11 +158,8 @@ class ServerState:
             self.served.scheduler.stop()
 
 
-def _metadata(engine: Any, path: str) -> dict[str, Any]:
-    """GGUF metadata (the chat template lives there): from the engine when it keeps it, else from the file."""
-    md = getattr(engine, "metadata", None)
-    if isinstance(md, dict):
-        return md
+def _metadata(path: str) -> dict[str, Any]:
+    """The GGUF's general.* and chat-template metadata (the vocabulary arrays stay in the tokenizer)."""
     from ternary.formats.reader import GGUFFile
 
     with GGUFFile(path) as f:

@@ -484,6 +484,20 @@ def test_load_32_concurrent_clients_without_errors(server, client):
     assert json.loads(props)["busy_slots"] == 0
 
 
+def test_concurrent_greedy_requests_match_sequential_decoding(client, tokenizer, reference):
+    """8 requests on 4 slots: steps mix prompt chunks and decodes of different slots; nothing may leak."""
+    prompts = [f"{i} " * (1 + 3 * i) + "def f(x):" for i in range(8)]
+    expected = [reference(tokenizer.encode(p, add_bos=True), 10)[0] for p in prompts]
+
+    def ask(prompt: str) -> str:
+        r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10, temperature=0)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(ask, prompts))
+    assert texts == [text_of(tokenizer, ids) for ids in expected]
+
+
 def cancelled_count(server: LiveServer) -> int:
     text = get(server.url + "/metrics")[1].decode()
     found = re.search(r'^ternary_generations_total\{reason="cancelled"\} (\d+)', text, re.M)
