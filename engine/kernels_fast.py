@@ -219,12 +219,27 @@ def _tile_outputs(
             )
             xs_offset = t0 * n_cols + b // blocks_per_col
             xsum_offset = t0 * n_blocks + b
-            w, w_offset = row_scales, n0
-            if group_uniform[g] == 0:
-                w, w_offset = group_scales, (g * n_blocks + b) * ROW_GROUP
-            facc = facc_add(
-                isa, facc, acc, w, w_offset, x_scale, xs_offset, n_cols, block_sums, xsum_offset, n_blocks
-            )
+            # (two calls, not one with the array chosen in a variable: reassigning an array variable in the
+            # loop costs a reference-count call per block and spills the accumulators around it)
+            if group_uniform[g] != 0:
+                facc = facc_add(
+                    isa,
+                    facc,
+                    acc,
+                    row_scales,
+                    n0,
+                    x_scale,
+                    xs_offset,
+                    n_cols,
+                    block_sums,
+                    xsum_offset,
+                    n_blocks,
+                )
+            else:
+                facc = facc_add(
+                    isa, facc, acc, group_scales, (g * n_blocks + b) * ROW_GROUP, x_scale, xs_offset, n_cols,
+                    block_sums, xsum_offset, n_blocks,
+                )  # fmt: skip
     values = facc_values(isa, facc)
     for r in range(ROW_GROUP):
         n = n0 + r
