@@ -1,0 +1,294 @@
+"""ternary-eval: llama-perplexity's method against an independent log-softmax over Engine.logits, bits per
+byte arithmetic, the code-eval header extraction / stop logic / parse check on hand-made completions, and the
+bundled default model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import ORACLE
+from ternary.engine import evaluate
+from ternary.engine.evaluate import (
+    CompletionCut,
+    EvalError,
+    check_completion,
+    cut_completion,
+    extract_function_prompts,
+    perplexity_of_tokens,
+)
+
+ORACLE_MODEL = ORACLE / "tiny-tq2_0-f16.gguf"
+SNIPPET = (ORACLE / "prompt.txt").read_text() + "\n"
+
+
+@pytest.fixture(scope="module")
+def oracle_engine():
+    from ternary.engine.engine import Engine
+
+    return Engine(ORACLE_MODEL, threads=1, n_ctx=64)
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+
+
+def reference_perplexity(engine, text: str, n_ctx: int) -> tuple[float, int, int]:
+    """llama-perplexity written out longhand: (total NLL, tokens scored, bytes scored)."""
+    tok = engine.tokenizer
+    tokens = tok.encode(text, add_bos=tok.add_bos, parse_special=False)
+    nll, count, n_bytes = 0.0, 0, 0
+    for c in range(len(tokens) // n_ctx):
+        chunk = list(tokens[c * n_ctx : (c + 1) * n_ctx])
+        if tok.add_bos:
+            chunk[0] = tok.bos_id
+        logits = engine.logits(chunk).astype(np.float64)
+        for j in range(n_ctx // 2, n_ctx - 1):
+            row = logits[j]
+            log_z = math.log(sum(math.exp(v - row.max()) for v in row)) + row.max()
+            target = tokens[c * n_ctx + j + 1]
+            nll += log_z - row[target]
+            count += 1
+            n_bytes += len(tok.token_bytes(target, special=False))
+    return nll, count, n_bytes
+
+
+def test_perplexity_matches_longhand_reference_on_oracle_model(oracle_engine):
+    text = SNIPPET * 6
+    n_ctx = 16
+    res = evaluate.perplexity(oracle_engine, text, n_ctx=n_ctx)
+    nll, count, n_bytes = reference_perplexity(oracle_engine, text, n_ctx)
+    n_tokens = len(oracle_engine.tokenizer.encode(text, add_bos=True, parse_special=False))
+    assert oracle_engine.tokenizer.add_bos  # the BOS-replacement rule is exercised
+    assert n_tokens % n_ctx  # and a partial last chunk is dropped
+    assert res.n_chunks == n_tokens // n_ctx
+    assert res.n_scored == count == res.n_chunks * (n_ctx // 2 - 1)
+    assert res.n_bytes == n_bytes
+    assert res.nll == pytest.approx(nll, rel=1e-9)
+    assert res.ppl == pytest.approx(math.exp(nll / count), rel=1e-9)
+    assert res.bits_per_byte == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-9)
+
+
+def test_perplexity_needs_two_chunks(oracle_engine):
+    with pytest.raises(EvalError, match="needs at least 64"):
+        evaluate.perplexity(oracle_engine, "x = 1\n", n_ctx=32)
+    with pytest.raises(EvalError, match="larger than the engine's context"):
+        evaluate.perplexity(oracle_engine, SNIPPET * 20, n_ctx=128)
+
+
+def uniform_logits(n_vocab: int, seen: list):
+    def logits_fn(ids):
+        seen.append(np.array(ids))
+        return np.zeros((len(ids), n_vocab), dtype=np.float32)
+
+    return logits_fn
+
+
+def test_bits_per_byte_arithmetic_and_chunk_inputs():
+    # uniform logits over V tokens: every scored token costs ln V nats, so PPL = V exactly and
+    # bits per byte = scored tokens * log2(V) / their bytes
+    n_vocab, n_ctx = 16, 8
+    tokens = list(range(1, 16)) + [3] * 6  # 21 tokens: 2 chunks of 8, tail of 5 dropped
+    byte_len = np.arange(n_vocab) % 4  # token t is t % 4 bytes long
+    seen: list = []
+    res = perplexity_of_tokens(uniform_logits(n_vocab, seen), tokens, n_ctx, bos_id=0, token_bytes=byte_len)
+    scored = tokens[5:8] + tokens[13:16]  # positions 4..6 of each chunk predict tokens 5..7
+    assert res.n_chunks == 2 and res.n_scored == 6
+    assert res.ppl == pytest.approx(n_vocab)
+    assert res.n_bytes == sum(t % 4 for t in scored)
+    assert res.bits_per_byte == pytest.approx(6 * math.log2(n_vocab) / res.n_bytes)
+    # the chunk's first token is replaced by BOS, the rest is the text as is
+    assert [s.tolist() for s in seen] == [[0, *tokens[1:8]], [0, *tokens[9:16]]]
+    seen.clear()
+    perplexity_of_tokens(uniform_logits(n_vocab, seen), tokens, n_ctx, None, byte_len, max_chunks=1)
+    assert [s.tolist() for s in seen] == [tokens[0:8]]
+
+
+def test_scored_nll_is_log_softmax():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, 7)).astype(np.float32) * 10
+    targets = rng.integers(0, 7, size=5)
+    p = np.exp(logits.astype(np.float64))
+    p /= p.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(evaluate.scored_nll(logits, targets), -np.log(p[np.arange(5), targets]))
+
+
+# ------------------------------------------------------------------------------------------- code eval
+
+SOURCE = '''
+import functools
+
+
+def plain(a, b):
+    return a + b
+
+
+def documented(x):
+    """Twice x.
+
+    Longer text.
+    """
+    y = x * 2
+    return y
+
+
+def one_liner(x): return x
+
+
+def only_doc():
+    """Nothing else."""
+
+
+@functools.cache
+def wrapped(
+    first,
+    second=2,
+):
+    return first
+
+
+class Box:
+    def method(self, v):
+        """Store v."""
+        self.v = v
+'''
+
+
+def test_extract_function_prompts():
+    prompts = {p.name: p for p in extract_function_prompts(SOURCE, "box.py")}
+    assert sorted(prompts) == ["documented", "method", "plain", "wrapped"]
+    assert prompts["plain"].prompt == "def plain(a, b):\n"
+    assert (
+        prompts["documented"].prompt == 'def documented(x):\n    """Twice x.\n\n    Longer text.\n    """\n'
+    )
+    assert prompts["wrapped"].prompt == "def wrapped(\n    first,\n    second=2,\n):\n"  # no decorator
+    assert prompts["method"].prompt == 'def method(self, v):\n    """Store v."""\n'  # dedented to column 0
+    assert prompts["method"].source.startswith("box.py:")
+    assert extract_function_prompts("def broken(:\n", "x.py") == []
+
+
+@pytest.mark.parametrize(
+    ("generated", "kept"),
+    [
+        ("    return x\n\ndef other():\n    pass\n", "    return x\n\n"),  # dedent ends the body
+        ("    x = 1\n\n\n    y = 2\n", "    x = 1\n\n"),  # two blank lines end it
+        ("    if x:\n        y()\n    return 2\nprint(1)", "    if x:\n        y()\n    return 2\n"),
+        ("    return foo(1,\n        2", "    return foo(1,\n"),  # token limit: partial line dropped
+        ("    return 1", ""),  # a line without its newline is not kept
+        ("class X:\n", ""),
+    ],
+)
+def test_cut_completion(generated, kept):
+    assert cut_completion(generated) == kept
+
+
+def test_completion_cut_streams_like_whole_text():
+    text = "    a = [\n        1,\n    ]\n\n    return a\nfoo()\n"
+    cut = CompletionCut()
+    stopped_at = None
+    for i, ch in enumerate(text):
+        if cut.feed(ch):
+            stopped_at = i
+            break
+    assert cut.text == cut_completion(text) == "    a = [\n        1,\n    ]\n\n    return a\n"
+    assert text[stopped_at] == "f"  # stops as soon as a line starts at column 0
+
+
+def test_check_completion():
+    header = "def f(x):\n"
+    ok = check_completion(header, "    return x + 1\n")
+    assert ok.parses and ok.compiles and not ok.empty
+    assert check_completion(header, "    # just a comment\n\n").empty
+    assert not check_completion(header, "").parses
+    bad = check_completion(header, "    return (x +\n")
+    assert not bad.parses and "SyntaxError" in bad.error
+    # parses but the compiler's symbol table rejects it
+    nonlocal_ = check_completion(header, "    nonlocal y\n    return y\n")
+    assert nonlocal_.parses and not nonlocal_.compiles
+
+
+class CannedEngine:
+    """An engine whose greedy completion is a fixed text, fed in small pieces."""
+
+    n_ctx = 64
+
+    def __init__(self, tokenizer, text: str):
+        self.tokenizer, self.text, self.calls = tokenizer, text, []
+
+    def generate(self, prompt, **kwargs):
+        self.calls.append((list(prompt), kwargs))
+        return iter([self.text[i : i + 3] for i in range(0, len(self.text), 3)])
+
+
+def test_code_completion_plumbing(oracle_engine):
+    prompts = extract_function_prompts(SOURCE)
+    canned = CannedEngine(oracle_engine.tokenizer, "    return 1\n\n\nfoo = 2\n")
+    res = evaluate.code_completion(canned, prompts, max_tokens=16)
+    s = res.summary()
+    assert s["n"] == len(prompts) and s["parses"] == s["compiles"] == len(prompts)
+    assert all(sample["completion"] == "    return 1\n\n" for sample in res.samples)
+    ids, kwargs = canned.calls[0]
+    assert ids[0] == oracle_engine.tokenizer.bos_id and kwargs["temperature"] == 0.0
+    assert kwargs["max_tokens"] == 16
+
+
+def test_greedy_completion_on_oracle_engine_is_cut(oracle_engine):
+    # a random-weight model: the completion is noise, but it is cut to whole lines and checked without error
+    completion = evaluate.complete(oracle_engine, "def f(x):\n", max_tokens=8)
+    assert completion == "" or completion.endswith("\n")
+    check = check_completion("def f(x):\n", completion)
+    assert check.empty or check.parses or check.error
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_perplexity_and_errors(tmp_path):
+    text = tmp_path / "snippet.py"
+    text.write_text(SNIPPET * 6)
+    report_path = tmp_path / "r.json"
+    runner = CliRunner()
+    args = [str(ORACLE_MODEL), "--ppl", str(text), "--ctx", "16", "-t", "1", "--json", str(report_path)]
+    result = runner.invoke(evaluate.main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["perplexity"]["n_ctx"] == 16 and "PPL = " in result.output
+    for args, message in [
+        ([str(ORACLE_MODEL)], "nothing to do"),
+        ([str(tmp_path / "missing.gguf"), "--ppl", str(text)], "no such model file"),
+        ([str(ORACLE_MODEL), "--ppl", str(tmp_path / "nowhere")], "no such file or folder"),
+        ([str(ORACLE_MODEL), "--code"], "--code needs Python files"),
+    ]:
+        result = runner.invoke(evaluate.main, args)
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
+# --------------------------------------------------------------------------------------- bundled model
+
+
+def test_default_model_path_opens_the_shipped_model(monkeypatch):
+    from ternary.formats.model_file import open_model
+    from ternary.formats.tokenizer import Tokenizer
+
+    from ternary.models import ENV_VAR, default_model_path
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    path = default_model_path()
+    assert path.name == "python-code.gguf" and path.stat().st_size < 8 << 20
+    with open_model(path) as mf:
+        assert mf.config.arch == "bitnet" and mf.config.n_vocab == 8192
+        tok = Tokenizer.from_metadata(mf.gguf.metadata)
+    code = "def add(a, b):\n    return a + b\n"
+    assert tok.decode(tok.encode(code)) == code
+
+
+def test_default_model_path_env_override(monkeypatch, tmp_path):
+    from ternary.models import ENV_VAR, default_model_path
+
+    monkeypatch.setenv(ENV_VAR, str(ORACLE_MODEL))
+    assert default_model_path() == ORACLE_MODEL
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        default_model_path()
