@@ -292,3 +292,86 @@ def test_default_model_path_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "nope.gguf"))
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         default_model_path()
+
+
+# ------------------------------------------------------------------------------------ the training recipe
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTrainer:
+    """Steps cost `cost(step)` fake seconds; fit/save as the real Trainer's (fit runs to a total step)."""
+
+    def __init__(self, clock, cost, steps=3000, step=0, ckpt_every=1000):
+        from ternary.training.config import TrainConfig
+
+        self.cfg = TrainConfig().replace({"schedule.steps": steps, "schedule.warmup_steps": 5,
+                                          "run.ckpt_every": ckpt_every})  # fmt: skip
+        self.clock, self.cost, self.step, self.tokens_seen, self.saved = clock, cost, step, 0, []
+
+    def fit(self, steps):
+        while self.step < steps:
+            self.clock.now += self.cost(self.step)
+            self.step += 1
+        self.saved.append(self.step)
+
+    def save(self):
+        self.saved.append(self.step)
+
+
+def run_budget(monkeypatch, trainer, seconds, fixed=False):
+    from ternary.training import build_code_model
+
+    monkeypatch.setattr(build_code_model.time, "perf_counter", trainer.clock)
+    return build_code_model.train_to_budget(trainer, seconds, fixed, log=lambda m: None)
+
+
+def test_budget_plans_the_schedule_to_fit(monkeypatch):
+    t = FakeTrainer(FakeClock(), lambda s: 1.0)
+    res = run_budget(monkeypatch, t, 600.0)
+    # 13 steps measured, then 95% of the remaining 587 s at 1 s/step
+    assert res["planned_steps"] == t.cfg.schedule.steps == 13 + int(0.95 * 587)
+    assert res["steps"] == res["planned_steps"] and not res["stopped_early"]
+    assert t.clock.now <= 600 and t.saved[-1] == res["steps"]
+    assert all(b - a <= 60 for a, b in zip(t.saved, t.saved[1:], strict=False))  # a checkpoint a minute
+
+
+def test_budget_shortens_the_plan_when_steps_slow_down(monkeypatch):
+    t = FakeTrainer(FakeClock(), lambda s: 1.0 if s < 200 else 3.0)
+    res = run_budget(monkeypatch, t, 600.0)
+    assert res["steps"] == res["planned_steps"] < 13 + int(0.95 * 587)
+    assert not res["stopped_early"] and t.clock.now <= 600 * 1.1
+
+
+def test_budget_stops_and_saves_when_time_is_up(monkeypatch):
+    t = FakeTrainer(FakeClock(), lambda s: 1.0 if s < 100 else 100.0)
+    res = run_budget(monkeypatch, t, 300.0)
+    assert res["stopped_early"] and res["steps"] < res["planned_steps"]
+    assert t.saved[-1] == res["steps"]
+
+
+def test_budget_keeps_a_resumed_runs_plan_and_fixed_steps(monkeypatch):
+    t = FakeTrainer(FakeClock(), lambda s: 1.0, steps=400, step=300)
+    assert run_budget(monkeypatch, t, 600.0)["steps"] == 400  # fits: the saved plan stands
+    t = FakeTrainer(FakeClock(), lambda s: 1.0, steps=50)
+    assert run_budget(monkeypatch, t, 600.0, fixed=True)["steps"] == 50  # --steps: no planning
+
+
+def test_python_sources_skip_tests_caches_and_big_files(tmp_path):
+    from ternary.training.build_code_model import iter_python_files
+
+    files = {"a.py": 10, "pkg/b.py": 10, "pkg/tests/t.py": 10, "test/x.py": 10, "__pycache__/c.py": 10}
+    files.update({"site-packages/d.py": 10, "big.py": 5000, "e.txt": 1})
+    for rel, size in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x" * size)
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_python_files(tmp_path, False, 1000)]
+    assert found == ["a.py", "pkg/b.py"]
+    with_tests = [p.relative_to(tmp_path).as_posix() for p in iter_python_files(tmp_path, True, 1000)]
+    assert with_tests == ["a.py", "pkg/b.py", "pkg/tests/t.py", "test/x.py"]
