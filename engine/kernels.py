@@ -40,7 +40,8 @@ def quantize_q8k_rows(x, q, d):
                 continue
             iscale = np.float32(-127.0) / vmax
             for j in range(k0, k0 + 256):
-                v = np.rint(iscale * x[t, j])
+                # the exact product, rounded once: llama.cpp's build fuses iscale*x + 1.5*2^23 into one FMA
+                v = np.rint(np.float64(iscale) * np.float64(x[t, j]))
                 q[t, j] = min(127, int(v))
             d[t, b] = np.float32(1.0) / iscale
 
@@ -71,6 +72,15 @@ def quantize_per_token_rows(x, q, d):
 # ---------------------------------------------------------------- integer matmuls
 
 
+@njit(cache=True)
+def int8_dot(a, b):
+    """Exact ``Σ a·b`` of two int8 vectors in int32 (pass row slices: LLVM vectorizes this loop)."""
+    total = np.int32(0)
+    for j in range(a.shape[0]):
+        total += np.int32(a[j]) * np.int32(b[j])
+    return total
+
+
 @njit(parallel=True, cache=True)
 def block_scaled_matmul(codes, w_scale, w_block, xq, x_scale, x_block, out):
     """``out[t, n] = Σ_segments (Σ codes[n,k]·xq[t,k]) · (w_scale · x_scale)``, summed in float32.
@@ -86,9 +96,7 @@ def block_scaled_matmul(codes, w_scale, w_block, xq, x_scale, x_block, out):
         for t in range(n_tok):
             acc = np.float32(0.0)
             for k0 in range(0, k, seg):
-                isum = np.int32(0)
-                for j in range(k0, k0 + seg):
-                    isum += np.int32(codes[n, j]) * np.int32(xq[t, j])
+                isum = int8_dot(codes[n, k0 : k0 + seg], xq[t, k0 : k0 + seg])
                 scale = w_scale[n, k0 // w_block] * x_scale[t, k0 // x_block]
                 acc += np.float32(isum) * scale
             out[t, n] = acc
@@ -110,9 +118,7 @@ def q6k_matmul(codes, sub_scales, d, xq, x_scale, out):
                 isum = np.int32(0)
                 for g in range(16):
                     k0 = b * 256 + g * 16
-                    gsum = np.int32(0)
-                    for j in range(k0, k0 + 16):
-                        gsum += np.int32(codes[n, j]) * np.int32(xq[t, j])
+                    gsum = int8_dot(codes[n, k0 : k0 + 16], xq[t, k0 : k0 + 16])
                     isum += np.int32(sub_scales[n, b * 16 + g]) * gsum
                 acc += (d[n, b] * x_scale[t, b]) * np.float32(isum)
             out[t, n] = acc
@@ -161,6 +167,21 @@ def rms_norm_rows(x, weight, eps, out):
         scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
         for j in range(k):
             out[t, j] = (x[t, j] * scale) * weight[j]
+
+
+@njit(cache=True)
+def rope_cache(positions, theta_scale, cos, sin):
+    """cos/sin float32[T, n_rot/2] of ``theta_i = pos · theta_scale^i``, computed as ggml's rope cache.
+
+    ``theta`` starts at the float32 position and is multiplied by ``theta_scale`` in float32 once per pair;
+    float32 ``cos``/``sin`` compile to libm's ``cosf``/``sinf``, the functions llama.cpp calls.
+    """
+    for t in range(positions.shape[0]):
+        theta = np.float32(positions[t])
+        for i in range(cos.shape[1]):
+            cos[t, i] = np.cos(theta)
+            sin[t, i] = np.sin(theta)
+            theta = theta * theta_scale
 
 
 @njit(cache=True)
