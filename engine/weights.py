@@ -15,11 +15,7 @@ from typing import Protocol
 
 import numpy as np
 from ternary.engine import activations, kernels
-
-GGML_F32 = 0
-GGML_F16 = 1
-GGML_Q8_0 = 8
-GGML_Q6_K = 14
+from ternary.formats import quants
 
 
 def _owned(a: np.ndarray, dtype: type) -> np.ndarray:
@@ -202,10 +198,10 @@ def dense_matrix(
     """The embedding/head layout for a tensor of ``ggml_type`` (``dequantize`` is called only if needed)."""
     if len(shape) != 2:
         raise ValueError(f"an embedding/head matrix must be 2-D, got shape {shape}")
-    if ggml_type == GGML_F16:
+    if ggml_type == quants.F16:
         return F16Matrix(np.asarray(raw, dtype=np.uint8).view(np.uint16).reshape(shape))
-    if ggml_type == GGML_Q8_0:
+    if ggml_type == quants.Q8_0:
         return Q8_0Matrix.from_bytes(raw, shape)
-    if ggml_type == GGML_Q6_K:
+    if ggml_type == quants.Q6_K:
         return Q6KMatrix.from_bytes(raw, shape, dequantize())
     return F32Matrix(dequantize())
