@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import gguf.quants
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -251,12 +252,9 @@ def dequantize(ggml_type: int, raw: np.ndarray, shape: tuple[int, ...]) -> np.nd
 
 
 def _fallback_dequantize(ggml_type: int, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    import gguf.quants
-
     try:
-        qtype = GGMLQuantizationType(ggml_type)
-        out = gguf.quants.dequantize(raw, qtype)
-    except (ValueError, NotImplementedError) as e:
+        out = gguf.quants.dequantize(raw, GGMLQuantizationType(ggml_type))
+    except Exception as e:  # gguf-py raises NotImplementedError, ValueError, ... for types it cannot decode
         raise ValueError(f"cannot decode {type_name(ggml_type)}: {e}") from None
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
