@@ -332,82 +332,85 @@ def _quantize_q8_0(x: np.ndarray) -> np.ndarray:
 GROUP_MAX_EPS = np.float32(1e-15)
 
 
-def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """llama.cpp ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` for many groups at once.
+def _make_qx_quants_rmse1(xt: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` for G groups at once.
 
-    x: float32 (G, n). Returns (scale float32 (G,), L int32 (G, n) in [0, 2*nmax)). Sums run sequentially over
-    the n elements in float32, as the C loop does, so the chosen scale matches bit for bit.
+    xt: float32 (n, G), one group per column (rows contiguous, so the loops below stream memory). Returns
+    (scale float32 (G,), L float32 (n, G) holding integers in [0, 2*nmax)). Sums run sequentially over the n
+    elements in float32 with the C evaluation order ((w*x)*l, (w*l)*l), so the chosen scale matches bit for bit.
     """
-    n = x.shape[1]
-    amax_idx = np.abs(x).argmax(axis=1)  # first index of the largest |x|, as the strict '>' loop picks
-    xmax = x[np.arange(x.shape[0]), amax_idx]
+    n, g = xt.shape
+    cols = np.arange(g)
+    xmax = xt[np.abs(xt).argmax(axis=0), cols]  # first largest |x|, as the strict '>' loop picks
     zero = np.abs(xmax) < GROUP_MAX_EPS
     safe_max = np.where(zero, np.float32(1), xmax).astype(np.float32)
-    w = (x * x).astype(np.float32)
+    w = xt * xt
+    wx = w * xt
+    lo, hi = np.float32(-nmax), np.float32(nmax - 1)
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ls = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-        lf = ls.astype(np.float32)
-        sumlx = np.zeros(x.shape[0], dtype=np.float32)
-        suml2 = np.zeros(x.shape[0], dtype=np.float32)
+        ls = np.clip(np.rint(iscale * xt), lo, hi)  # nearest_int: round half to even, in float32
+        sumlx = np.zeros(g, dtype=np.float32)
+        suml2 = np.zeros(g, dtype=np.float32)
         for i in range(n):
-            sumlx += w[:, i] * x[:, i] * lf[:, i]
-            suml2 += w[:, i] * lf[:, i] * lf[:, i]
+            sumlx += wx[i] * ls[i]
+            suml2 += (w[i] * ls[i]) * ls[i]
         return ls, sumlx, suml2
 
-    iscale = (np.float32(-nmax) / safe_max).astype(np.float32)
-    ls, sumlx, suml2 = trial(iscale)
+    labels, sumlx, suml2 = trial(np.float32(-nmax) / safe_max)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 != 0, sumlx / suml2, np.float32(0)).astype(np.float32)
-    best = (scale * sumlx).astype(np.float32)
-    labels = ls + nmax
+    best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        iscale = (-(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / safe_max).astype(np.float32)
-        ls, sumlx, suml2 = trial(iscale)
+        iscale = -(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / safe_max
+        ls, sumlx, suml2 = trial(iscale.astype(np.float32))
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        labels = np.where(better[:, None], ls + nmax, labels)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            new_scale = (sumlx / suml2).astype(np.float32)
-        scale = np.where(better, new_scale, scale)
-        best = np.where(better, (new_scale * sumlx).astype(np.float32), best)
-    scale = np.where(zero, np.float32(0), scale).astype(np.float32)
-    labels = np.where(zero[:, None], 0, labels)
-    return scale, labels
+        if better.any():
+            labels = np.where(better, ls, labels)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new_scale = sumlx / suml2
+            scale = np.where(better, new_scale, scale)
+            best = np.where(better, new_scale * sumlx, best)
+    labels = np.where(zero, np.float32(-nmax), labels) + np.float32(nmax)
+    return np.where(zero, np.float32(0), scale).astype(np.float32), labels
 
 
 def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """llama.cpp ``quantize_row_q6_K_ref``: 16 sub-block scales (make_qx_quants) as int8 under one fp16 d."""
     blocks = _as_blocks(x, QK_K, "Q6_K")
+    out = np.empty((blocks.shape[0], 210), dtype=np.uint8)
+    step = 4096  # blocks per chunk: keeps the (16, 16 * step) work arrays in cache
+    for start in range(0, blocks.shape[0], step):
+        out[start : start + step] = _q6_k_blocks(blocks[start : start + step])
+    return out.reshape(-1)
+
+
+def _q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
     nb = blocks.shape[0]
-    sub = blocks.reshape(nb * 16, 16)
-    scales, labels = _make_qx_quants_rmse1(sub, 32)
+    scales, labels = _make_qx_quants_rmse1(np.ascontiguousarray(blocks.reshape(nb * 16, 16).T), 32)
     scales = scales.reshape(nb, 16)
-    labels = labels.reshape(nb, QK_K)
-    idx = np.abs(scales).argmax(axis=1)
-    max_scale = scales[np.arange(nb), idx]
+    labels = labels.T.reshape(nb, 16, 16)
+    max_scale = scales[np.arange(nb), np.abs(scales).argmax(axis=1)]
     empty = np.abs(max_scale) < GROUP_MAX_EPS
     with np.errstate(divide="ignore"):
         iscale = np.where(empty, np.float32(0), np.float32(-128) / max_scale).astype(np.float32)
-        d_f32 = np.where(empty, np.float32(0), np.float32(1) / iscale).astype(np.float32)
-    d16 = d_f32.astype(np.float16)
+        d16 = np.where(empty, np.float32(0), np.float32(1) / iscale).astype(np.float16)
     sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
-    d_sub = (d16.astype(np.float32)[:, None] * sc.astype(np.float32)).astype(np.float32)  # (nb, 16)
+    d_sub = d16.astype(np.float32)[:, None] * sc.astype(np.float32)  # (nb, 16)
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = _nearest_int(blocks.reshape(nb, 16, 16) / d_sub[:, :, None])
-    q = np.clip(q, -32, 31) + 32
-    labels = np.where((d_sub != 0)[:, :, None], q, labels.reshape(nb, 16, 16)).reshape(nb, 2, 4, 32)
-    labels = labels.astype(np.uint8)  # [half, quarter s, l]
+        q = np.clip(np.rint(blocks.reshape(nb, 16, 16) / d_sub[:, :, None]), -32, 31) + 32
+    # sub-blocks whose d came out 0 keep make_qx_quants' labels, as the C code skips them
+    labels = np.where((d_sub != 0)[:, :, None], q, labels).astype(np.uint8).reshape(nb, 2, 4, 32)
     ql = (labels[:, :, 0:2, :] & np.uint8(0x0F)) | ((labels[:, :, 2:4, :] & np.uint8(0x0F)) << np.uint8(4))
-    qh = (labels >> np.uint8(4)) << _Q6K_QH_SHIFTS
-    qh = qh.sum(axis=2, dtype=np.uint8)  # (nb, 2, 32)
+    qh = ((labels >> np.uint8(4)) << _Q6K_QH_SHIFTS).sum(axis=2, dtype=np.uint8)  # (nb, 2, 32)
     out = np.concatenate(
         [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), d16.view(np.uint8).reshape(nb, 2)],
         axis=1,
     )
     out[empty] = 0
-    return out.reshape(-1)
+    return out
 
 
 def _quantize_bf16(x: np.ndarray) -> np.ndarray:
