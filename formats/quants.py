@@ -336,8 +336,8 @@ def _make_qx_quants_rmse1(xt: np.ndarray, nmax: int) -> tuple[np.ndarray, np.nda
     """llama.cpp ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` for G groups at once.
 
     xt: float32 (n, G), one group per column (rows contiguous, so the loops below stream memory). Returns
-    (scale float32 (G,), L float32 (n, G) holding integers in [0, 2*nmax)). Sums run sequentially over the n
-    elements in float32 with the C evaluation order ((w*x)*l, (w*l)*l), so the chosen scale matches bit for bit.
+    (scale float32 (G,), L float32 (n, G) holding integers in [0, 2*nmax)). Sums run sequentially over the
+    n elements in float32 with the C evaluation order ((w*x)*l, (w*l)*l), so the scale matches bit for bit.
     """
     n, g = xt.shape
     cols = np.arange(g)
@@ -403,7 +403,8 @@ def _q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
         q = np.clip(np.rint(blocks.reshape(nb, 16, 16) / d_sub[:, :, None]), -32, 31) + 32
     # sub-blocks whose d came out 0 keep make_qx_quants' labels, as the C code skips them
     labels = np.where((d_sub != 0)[:, :, None], q, labels).astype(np.uint8).reshape(nb, 2, 4, 32)
-    ql = (labels[:, :, 0:2, :] & np.uint8(0x0F)) | ((labels[:, :, 2:4, :] & np.uint8(0x0F)) << np.uint8(4))
+    low = labels & np.uint8(0x0F)
+    ql = low[:, :, 0:2, :] | (low[:, :, 2:4, :] << np.uint8(4))
     qh = ((labels >> np.uint8(4)) << _Q6K_QH_SHIFTS).sum(axis=2, dtype=np.uint8)  # (nb, 2, 32)
     out = np.concatenate(
         [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), d16.view(np.uint8).reshape(nb, 2)],
