@@ -161,6 +161,8 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=_SCALAR_DTYPES[item_type], count=n, offset=self.pos)
                 self.pos += arr.nbytes
                 return arr.astype(bool).tolist() if item_type == BOOL else arr.tolist()
+            if item_type == STRING:  # token lists: 100k+ strings, so no per-item label
+                return [self.string(what + " (array item)") for _ in range(n)]
             return [self.value(item_type, f"{what}[{i}]", depth + 1) for i in range(n)]
         raise GGUFError(self.path, what, f"unknown value type {vtype}")
 
