@@ -82,8 +82,18 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _is_linear(name: str) -> bool:
-    return name.startswith("blk.") and name.rsplit(".", 2)[-2] in LINEAR_NAMES
+def is_linear_weight(name: str) -> bool:
+    """``blk.N.<linear>.weight`` for one of LINEAR_NAMES."""
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "blk" and parts[2] in LINEAR_NAMES and parts[3] == "weight"
+
+
+def scaled_weight(name: str) -> str | None:
+    """The weight a ``blk.N.<linear>.scale`` tensor multiplies, or None if ``name`` is no such scale."""
+    if not name.endswith(".scale"):
+        return None
+    weight = name.removesuffix(".scale") + ".weight"
+    return weight if is_linear_weight(weight) else None
 
 
 class ModelFile:
@@ -114,8 +124,7 @@ class ModelFile:
         for name, t in tensors.items():
             if name in expected:
                 continue
-            base = name.removesuffix(".scale") + ".weight"
-            if name.endswith(".scale") and _is_linear(base) and base in expected:
+            if scaled_weight(name) in expected:
                 if t.ggml_type != quants.F32 or t.n_elements != 1:
                     raise self._fail(name, f"must be F32 with one element, got {t.type_name} {t.shape}")
                 value = float(t.raw.view(np.float32)[0])
@@ -129,7 +138,7 @@ class ModelFile:
             raise self._fail(name, f"unexpected tensor for arch {self.config.arch} (would be ignored)")
 
     def _check_type(self, t: TensorInfo) -> None:
-        if _is_linear(t.name):
+        if is_linear_weight(t.name):
             if t.ggml_type not in quants.TERNARY_TYPES:
                 raise self._fail(t.name, f"type {t.type_name} is not ternary (expected TQ1_0, TQ2_0 or I2_S)")
         elif t.name in ("token_embd.weight", "output.weight"):

@@ -89,13 +89,13 @@ def _check_raw(ggml_type: int, raw: np.ndarray, shape: tuple[int, ...]) -> np.nd
     return raw
 
 
-def _blockwise(raw: np.ndarray, type_size: int, block: int, decode: Callable[[np.ndarray], np.ndarray]):
-    """Apply ``decode((nb, type_size) uint8) -> (nb, block)`` over chunks of blocks into one float32 array."""
-    blocks = raw.reshape(-1, type_size)
-    out = np.empty((blocks.shape[0], block), dtype=np.float32)
+def _blockwise(
+    blocks: np.ndarray, width: int, dtype: type, decode: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Apply ``decode((nb, bytes) uint8) -> (nb, width)`` chunk by chunk into one (nb, width) array."""
+    out = np.empty((blocks.shape[0], width), dtype=dtype)
     for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        stop = start + _CHUNK_BLOCKS
-        out[start:stop] = decode(blocks[start:stop])
+        out[start : start + _CHUNK_BLOCKS] = decode(blocks[start : start + _CHUNK_BLOCKS])
     return out
 
 
@@ -174,16 +174,11 @@ def ternary_codes(
         type_size = 54 if ggml_type == TQ1_0 else 66
         decode = _tq1_codes if ggml_type == TQ1_0 else _tq2_ternary_codes
         blocks = raw.reshape(-1, type_size)
-        codes = np.empty((blocks.shape[0], QK_K), dtype=np.int8)
-        for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-            codes[start : start + _CHUNK_BLOCKS] = decode(blocks[start : start + _CHUNK_BLOCKS])
+        codes = _blockwise(blocks, QK_K, np.int8, decode)
         scales = _fp16_at(blocks, type_size - 2).reshape(n_rows, k // QK_K)
         return codes.reshape(n_rows, k), scales, QK_K
     if ggml_type == I2_S:
-        packed = raw[: n_rows * k // 4].reshape(-1, 32)
-        codes = np.empty((packed.shape[0], I2S_BLOCK), dtype=np.int8)
-        for start in range(0, packed.shape[0], _CHUNK_BLOCKS):
-            codes[start : start + _CHUNK_BLOCKS] = _i2s_codes(packed[start : start + _CHUNK_BLOCKS])
+        codes = _blockwise(raw[: n_rows * k // 4].reshape(-1, 32), I2S_BLOCK, np.int8, _i2s_codes)
         scales = np.full((n_rows, 1), i2s_scale(raw, shape), dtype=np.float32)
         return codes.reshape(n_rows, k), scales, k
     raise ValueError(f"{type_name(ggml_type)} is not a ternary type (expected TQ1_0, TQ2_0 or I2_S)")
@@ -247,7 +242,7 @@ def dequantize(ggml_type: int, raw: np.ndarray, shape: tuple[int, ...]) -> np.nd
     decode = _DECODERS.get(ggml_type)
     if decode is not None:
         block, type_size = block_geometry(ggml_type)
-        return _blockwise(raw, type_size, block, decode).reshape(shape)
+        return _blockwise(raw.reshape(-1, type_size), block, np.float32, decode).reshape(shape)
     return _fallback_dequantize(ggml_type, raw, shape)
 
 
@@ -282,18 +277,17 @@ def _as_blocks(x: np.ndarray, block: int, name: str) -> np.ndarray:
     return x.reshape(-1, block)
 
 
-def _absmax_scale(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(d = max|x| per block as float32, id = 1/d or 0)."""
-    d = np.abs(blocks).max(axis=1)
+def _inverse_or_zero(d: np.ndarray) -> np.ndarray:
+    """C's ``id = d ? 1.0f/d : 0.0f`` in float32."""
     with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    return d, inv
+        return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
 
 
 def _quantize_tq2_0(x: np.ndarray) -> np.ndarray:
     blocks = _as_blocks(x, QK_K, "TQ2_0")
-    d, inv = _absmax_scale(blocks)
-    q = (_lround(blocks * inv[:, None]) + 1).astype(np.uint8).reshape(-1, 2, 4, 32)  # [h, n, m]
+    d = np.abs(blocks).max(axis=1)
+    q = (_lround(blocks * _inverse_or_zero(d)[:, None]) + 1).astype(np.uint8)
+    q = q.reshape(-1, 2, 4, 32)  # weight 128h + 32n + m -> [h, n, m]
     qs = (q << _TQ2_SHIFTS).sum(axis=2, dtype=np.uint8).reshape(-1, 64)
     return np.concatenate([qs, d.astype(np.float16).view(np.uint8).reshape(-1, 2)], axis=1).reshape(-1)
 
@@ -310,8 +304,8 @@ def _pack_trits(q: np.ndarray, n_trits: int) -> np.ndarray:
 def _quantize_tq1_0(x: np.ndarray) -> np.ndarray:
     blocks = _as_blocks(x, QK_K, "TQ1_0")
     nb = blocks.shape[0]
-    d, inv = _absmax_scale(blocks)
-    q = (_lround(blocks * inv[:, None]) + 1).astype(np.uint16)
+    d = np.abs(blocks).max(axis=1)
+    q = (_lround(blocks * _inverse_or_zero(d)[:, None]) + 1).astype(np.uint16)
     qs0 = _pack_trits(q[:, :160].reshape(nb, 5, 32), 5)
     qs1 = _pack_trits(q[:, 160:240].reshape(nb, 5, 16), 5)
     qh = _pack_trits(q[:, 240:].reshape(nb, 4, 4), 4)
@@ -323,9 +317,7 @@ def _quantize_q8_0(x: np.ndarray) -> np.ndarray:
     blocks = _as_blocks(x, 32, "Q8_0")
     amax = np.abs(blocks).max(axis=1)
     d = (amax / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    qs = _lround(blocks * inv[:, None]).astype(np.int8).view(np.uint8)
+    qs = _lround(blocks * _inverse_or_zero(d)[:, None]).astype(np.int8).view(np.uint8)
     return np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), qs], axis=1).reshape(-1)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 from ternary.formats import quants
 from ternary.formats.config import ModelConfig, default_ffn_act
-from ternary.formats.model_file import LINEAR_NAMES, expected_shapes
+from ternary.formats.model_file import expected_shapes, is_linear_weight, scaled_weight
 
 LINEAR_TYPES = {"TQ1_0": quants.TQ1_0, "TQ2_0": quants.TQ2_0, "I2_S": quants.I2_S}
 EMBED_TYPES = {
@@ -33,18 +33,6 @@ FILE_TYPES = {quants.TQ1_0: 36, quants.TQ2_0: 37, quants.I2_S: 40}
 QUANTIZATION_VERSION = 2
 
 
-def _is_linear_weight(name: str) -> bool:
-    return name.startswith("blk.") and name.endswith(".weight") and name.split(".")[2] in LINEAR_NAMES
-
-
-def _is_linear_scale(name: str, expected: Mapping[str, tuple[int, ...]]) -> bool:
-    return (
-        name.endswith(".scale")
-        and _is_linear_weight(name[: -len(".scale")] + ".weight")
-        and (name[: -len(".scale")] + ".weight" in expected)
-    )
-
-
 def _check_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     expected = expected_shapes(config)
     missing = [n for n in expected if n not in tensors]
@@ -57,7 +45,7 @@ def _check_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> di
                 raise ValueError(
                     f"{name}: shape {shape} does not match the config, expected {expected[name]}"
                 )
-        elif _is_linear_scale(name, expected):
+        elif scaled_weight(name) in expected:
             if int(np.size(value)) != 1:
                 raise ValueError(f"{name}: a scale tensor holds one value, got shape {shape}")
         else:
@@ -132,7 +120,7 @@ def _model_metadata(config: ModelConfig, hidden_act: bool | None) -> list[tuple[
 def _encode(name: str, value: np.ndarray, linear_type: int, embed_type: int) -> tuple[np.ndarray, int]:
     """(bytes, ggml type) for one tensor."""
     x = np.asarray(value, dtype=np.float32)
-    if _is_linear_weight(name):
+    if is_linear_weight(name):
         ggml_type = linear_type
     elif name in ("token_embd.weight", "output.weight"):
         ggml_type = embed_type
@@ -196,7 +184,7 @@ def write_model(
     # token_embd, output_norm, output, then each block in order (the order llama.cpp's tools write)
     order = [n for n in expected if not n.startswith("blk.")] + [n for n in expected if n.startswith("blk.")]
     for scale_name in sorted(n for n in tensors if n not in expected):
-        order.insert(order.index(scale_name[: -len(".scale")] + ".weight") + 1, scale_name)
+        order.insert(order.index(scaled_weight(scale_name)) + 1, scale_name)
 
     writer = GGUFWriter(None, config.arch)
     for key, value, vtype in writer_md:

@@ -17,7 +17,7 @@ from ternary.formats.reader import ARRAY, STRING, UINT32, UINT64, GGUFFile
 from ternary.formats.writer import write_model
 from test_formats_writer import random_tensors, tiny_config, tokenizer_metadata
 
-_SCALAR = {
+SCALAR_FORMATS = {  # GGUF value type -> struct format (the spec, not the reader's table)
     0: "<B",
     1: "<b",
     2: "<H",
@@ -38,8 +38,8 @@ def _string(s: str | bytes) -> bytes:
 
 
 def _value(vtype: int, value, item_type: int | None = None) -> bytes:
-    if vtype in _SCALAR:
-        return struct.pack(_SCALAR[vtype], value)
+    if vtype in SCALAR_FORMATS:
+        return struct.pack(SCALAR_FORMATS[vtype], value)
     if vtype == STRING:
         return _string(value)
     assert vtype == ARRAY and item_type is not None

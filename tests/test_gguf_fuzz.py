@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 from ternary.formats.errors import GGUFError
 from ternary.formats.model_file import open_model
 from ternary.formats.reader import GGUFFile
+from test_formats_validation import SCALAR_FORMATS
 
 BASE_FILES = [ORACLE / "tiny-tq1_0-q6k.gguf", ORACLE / "tiny-tq2_0-scaletensors-q8.gguf"]
 ADDRESS_SPACE_HEADROOM = 1 << 30  # the child may map / allocate 1 GiB beyond what it uses at start
 HANG_SECONDS = 20
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
 def header_fields(buf: bytes) -> tuple[dict[str, list[tuple[int, int]]], int]:
@@ -54,8 +54,8 @@ def header_fields(buf: bytes) -> tuple[dict[str, list[tuple[int, int]]], int]:
 
     def value(vtype: int) -> None:
         nonlocal pos
-        if vtype in _SCALAR_SIZES:
-            pos += _SCALAR_SIZES[vtype]
+        if vtype in SCALAR_FORMATS:
+            pos += struct.calcsize(SCALAR_FORMATS[vtype])
         elif vtype == 8:
             string()
         else:
