@@ -10,6 +10,10 @@ Entry points, callable from Python or from other ``@njit`` code (plain arrays pl
   token_sums, x_scale, out)``: parallel over chunks of row groups (each thread reads one sequential stream of
   weights).
 * ``planar_matmul(...)``: the same, computing the sums itself.
+* ``planar_matmul_groups(isa, g0, g1, ...)``: row groups [g0, g1) only, serial: for jitted callers that run
+  their own ``prange``. Call the two parallel drivers from Python or from jitted code that is not cached:
+  Numba segfaults loading a cached function that calls a parallel function loaded from the cache (numba
+  #8578).
 
 The float result is defined independently of the ISA, so every path gives bit-identical output: ``out[t, n] =
 0 + Σ_seg float32(Σ_seg w·x) · (w_scale · x_scale)`` summed in float32 in segment order, where a segment is
@@ -248,6 +252,60 @@ def _tile_outputs(
                 out[t0 + j, n] = values[r * tokens + j]
 
 
+@njit(cache=True)
+def planar_chunk_groups(isa, n_tok, k):
+    """Row groups per parallel work item: 1 for decode; when token tiles reuse the weights, enough groups for
+    ``GEMM_CHUNK_BYTES`` of them (they stay in L2 while every tile passes)."""
+    if n_tok >= tile_tokens(isa):
+        return max(1, GEMM_CHUNK_BYTES // ((k // BLOCK) * GROUP_BLOCK_BYTES))
+    return 1
+
+
+@njit(cache=True, inline="always")
+def planar_matmul_groups(
+    isa,
+    g0,
+    g1,
+    packed,
+    group_scales,
+    row_scales,
+    group_uniform,
+    n_out,
+    xq,
+    block_sums,
+    token_sums,
+    x_scale,
+    out,
+):
+    """Outputs of row groups [g0, g1) for every token: the serial building block of the parallel drivers, for
+    callers that run their own parallel region (e.g. Q, K and V in one ``prange``)."""
+    n_tok, k = xq.shape
+    x = xq.reshape(n_tok * k)
+    n_cols = x_scale.shape[1]
+    xs = x_scale.reshape(x_scale.size)
+    sums = block_sums.reshape(block_sums.size)
+    scales = group_scales.reshape(group_scales.size)
+    tokens = tile_tokens(isa)
+    one = single_token(isa)
+    t_full = n_tok - n_tok % tokens
+    for t0 in range(0, t_full, tokens):
+        for g in range(g0, g1):
+            _tile_outputs(
+                isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
+                n_cols, out,
+            )  # fmt: skip
+    for t0 in range(t_full, n_tok):
+        for g in range(g0, g1):
+            _tile_outputs(
+                one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
+                n_cols, out,
+            )  # fmt: skip
+
+
+# The two parallel drivers each own their prange: a cached jitted function must not call a parallel one whose
+# code was itself loaded from the cache (numba issue #8578: the caller's cache entry then segfaults on load).
+
+
 @njit(cache=True, parallel=True)
 def planar_matmul_summed(
     isa, packed, group_scales, row_scales, group_uniform, n_out, xq, block_sums, token_sums, x_scale, out
@@ -257,41 +315,23 @@ def planar_matmul_summed(
     ``group_scales`` float32[n_groups, K/256, 4] (per-block scales, group-major), ``row_scales``
     float32[4·n_groups] (the one scale of each row of a uniform group), ``group_uniform`` uint8[n_groups].
     """
-    n_tok, k = xq.shape
-    x = xq.reshape(n_tok * k)
-    n_cols = x_scale.shape[1]
-    xs = x_scale.reshape(x_scale.size)
-    sums = block_sums.reshape(block_sums.size)
-    scales = group_scales.reshape(group_scales.size)
     n_groups = group_uniform.shape[0]
-    tokens = tile_tokens(isa)
-    one = single_token(isa)
-    t_full = n_tok - n_tok % tokens
-    chunk = 1
-    if t_full > 0:
-        chunk = max(1, GEMM_CHUNK_BYTES // ((k // BLOCK) * GROUP_BLOCK_BYTES))
-    n_chunks = (n_groups + chunk - 1) // chunk
-    for c in prange(n_chunks):
-        g0 = c * chunk
-        g1 = min(g0 + chunk, n_groups)
-        for t0 in range(0, t_full, tokens):
-            for g in range(g0, g1):
-                _tile_outputs(
-                    isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
-                    n_cols, out,
-                )  # fmt: skip
-        for t0 in range(t_full, n_tok):
-            for g in range(g0, g1):
-                _tile_outputs(
-                    one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
-                    n_cols, out,
-                )  # fmt: skip
+    chunk = planar_chunk_groups(isa, xq.shape[0], xq.shape[1])
+    for c in prange((n_groups + chunk - 1) // chunk):
+        planar_matmul_groups(
+            isa, c * chunk, min(c * chunk + chunk, n_groups), packed, group_scales, row_scales, group_uniform,
+            n_out, xq, block_sums, token_sums, x_scale, out,
+        )  # fmt: skip
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def planar_matmul(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, x_scale, out):
     """``planar_matmul_summed`` computing the activation sums itself."""
     block_sums, token_sums = activation_sums(xq)
-    planar_matmul_summed(
-        isa, packed, group_scales, row_scales, group_uniform, n_out, xq, block_sums, token_sums, x_scale, out
-    )
+    n_groups = group_uniform.shape[0]
+    chunk = planar_chunk_groups(isa, xq.shape[0], xq.shape[1])
+    for c in prange((n_groups + chunk - 1) // chunk):
+        planar_matmul_groups(
+            isa, c * chunk, min(c * chunk + chunk, n_groups), packed, group_scales, row_scales, group_uniform,
+            n_out, xq, block_sums, token_sums, x_scale, out,
+        )  # fmt: skip

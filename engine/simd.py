@@ -151,6 +151,11 @@ def _is_simd(isa) -> bool:
     return isinstance(isa, IsaType) and isa.width > 0
 
 
+def _is_vector(arr, dtype) -> bool:
+    """A 1-D C-contiguous array of ``dtype``: the intrinsics address elements as ``data + index``."""
+    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype
+
+
 # ---------------------------------------------------------------- IR helpers (Python, run at compile time)
 
 
@@ -214,9 +219,8 @@ def _reduce_vectors(builder, vectors: list[ir.Value], lanes: int) -> ir.Value:
     count = len(vectors)
     if count & (count - 1):
         raise ValueError(f"reduce needs a power-of-two number of vectors, got {count}")
-    groups = [
-        (v, 1) for v in vectors
-    ]  # (vector, rows held): each row occupies lanes // rows contiguous lanes
+    # (vector, rows it holds): each row occupies lanes // rows contiguous lanes
+    groups = [(v, 1) for v in vectors]
     while len(groups) > 1 and lanes // groups[0][1] > 1:
         merged = []
         for (a, rows), (b, _) in zip(groups[0::2], groups[1::2], strict=True):
@@ -327,6 +331,8 @@ def tile_acc_dot(typingctx, isa, acc, packed, offset, x, x_offset, x_stride):
     """
     if not _is_simd(isa) or not isinstance(acc, TileAccType) or acc.isa != isa:
         return None
+    if not (_is_vector(packed, types.uint8) and _is_vector(x, types.int8)):
+        return None
     sig = acc(isa, acc, packed, types.intp, x, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
@@ -406,6 +412,8 @@ def tile_facc_add(
     ``xs[xs_offset + j·xs_stride]``.
     """
     if not isinstance(facc, TileFAccType) or not isinstance(acc, TileAccType) or facc.isa != acc.isa:
+        return None
+    if not (_is_vector(w, types.float32) and _is_vector(xs, types.float32) and _is_vector(xsum, types.int64)):
         return None
     isa = facc.isa
     sig = facc(facc, acc, w, types.intp, xs, types.intp, types.intp, xsum, types.intp, types.intp)

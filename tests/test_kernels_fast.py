@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 from ternary.engine import cpu_features, simd
-from ternary.engine.kernels_fast import planar_matmul
+from ternary.engine.kernels_fast import activation_sums, planar_matmul_groups
 from ternary.engine.planar import PlanarMatrix, pack_codes, unpack_codes
 from ternary.formats.quants import ternary_codes
 
@@ -205,20 +205,37 @@ def test_two_threads_give_the_same_bits():
 
 
 @njit(cache=True)
-def _caller_from_jitted_code(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, x_scale, out):
-    planar_matmul(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, x_scale, out)
-    return out.sum()
+def _two_matrices_one_loop(isa, a, b, xq, x_scale, out_a, out_b):
+    """How a fused forward uses the kernels: its own loop over row groups of several matrices, one input."""
+    block_sums, token_sums = activation_sums(xq)
+    packed_a, scales_a, rows_a, uniform_a, n_a = a
+    packed_b, scales_b, rows_b, uniform_b, n_b = b
+    groups_a = uniform_a.shape[0]
+    for g in range(groups_a + uniform_b.shape[0]):  # a prange in real use
+        if g < groups_a:
+            planar_matmul_groups(
+                isa, g, g + 1, packed_a, scales_a, rows_a, uniform_a, n_a,
+                xq, block_sums, token_sums, x_scale, out_a,
+            )  # fmt: skip
+        else:
+            gb = g - groups_a
+            planar_matmul_groups(
+                isa, gb, gb + 1, packed_b, scales_b, rows_b, uniform_b, n_b,
+                xq, block_sums, token_sums, x_scale, out_b,
+            )  # fmt: skip
 
 
 def test_kernels_are_callable_from_other_jitted_code():
     rng = np.random.default_rng(5)
-    codes, scales, xq, x_scale = random_case(rng, 12, 512, 2, "uniform", 1)
-    m = PlanarMatrix.from_codes(codes, scales, BLOCK)
-    out = np.empty((2, 12), np.float32)
-    arrays = (m.packed, m.group_scales, m.row_scales, m.group_uniform, 12, xq, x_scale, out)
-    total = _caller_from_jitted_code(simd.ISAS[PATHS[0]], *arrays)
-    np.testing.assert_array_equal(out, reference_matmul(codes, scales, BLOCK, xq, x_scale))
-    assert total == pytest.approx(float(out.sum()))
+    codes_a, scales_a, xq, x_scale = random_case(rng, 12, 512, 5, "mixed", 2)
+    codes_b, scales_b, _, _ = random_case(rng, 7, 512, 5, "uniform", 2)
+    a = PlanarMatrix.from_codes(codes_a, scales_a, BLOCK)
+    b = PlanarMatrix.from_codes(codes_b, scales_b, BLOCK)
+    out_a, out_b = np.empty((5, 12), np.float32), np.empty((5, 7), np.float32)
+    parts = [(m.packed, m.group_scales, m.row_scales, m.group_uniform, m.n_out) for m in (a, b)]
+    _two_matrices_one_loop(simd.ISAS[PATHS[0]], *parts, xq, x_scale, out_a, out_b)
+    np.testing.assert_array_equal(out_a, reference_matmul(codes_a, scales_a, BLOCK, xq, x_scale))
+    np.testing.assert_array_equal(out_b, reference_matmul(codes_b, scales_b, BLOCK, xq, x_scale))
 
 
 # ---------------------------------------------------------------- layout
