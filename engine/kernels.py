@@ -9,7 +9,24 @@ Constants are spelled ``np.float32(...)`` on purpose: a bare float literal would
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def fma_f32(typingctx, a, b, c):
+    """``a·b + c`` in float32 with ONE rounding (``llvm.fma.f32``), like the FMAs ggml's kernels use."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
 
 # ---------------------------------------------------------------- activation quantizers
 
@@ -100,6 +117,64 @@ def block_scaled_matmul(codes, w_scale, w_block, xq, x_scale, x_block, out):
                 scale = w_scale[n, k0 // w_block] * x_scale[t, k0 // x_block]
                 acc += np.float32(isum) * scale
             out[t, n] = acc
+
+
+Q8K_LANES = 8  # float accumulators of ggml's x86 TQ kernels: one per int32 lane of a 256-bit register
+
+
+@njit(cache=True)
+def q8k_lane_corrections(xq, corr):
+    """The weight-independent part of each int32 lane of ggml's x86 TQ1_0/TQ2_0 × Q8_K dot product.
+
+    The kernels multiply the UNSIGNED trits ``code + 1`` with the activations and subtract ``bsums`` to undo
+    the +1; lane j collects the products of the elements e with ``(e % 32) // 4 == j`` but subtracts the bsums
+    of the elements ``32j .. 32j+31``. So ``lane_j = Σ_{e ∈ S_j} code·y + corr_j`` with
+    ``corr_j = Σ_{e ∈ S_j} y − Σ_{32j ≤ e < 32j+32} y`` (exact int32; the 8 corrections sum to 0).
+    ``xq`` int8[T, K] (K % 256 == 0); ``corr`` int32[T, K // 256, 8].
+    """
+    n_tok, k = xq.shape
+    for t in range(n_tok):
+        for b in range(k // 256):
+            for j in range(Q8K_LANES):
+                corr[t, b, j] = 0
+            for e in range(256):
+                y = np.int32(xq[t, b * 256 + e])
+                corr[t, b, (e % 32) // 4] += y
+                corr[t, b, e // 32] -= y
+
+
+@njit(parallel=True, cache=True)
+def ternary_q8k_matmul(codes, w_scale, w_block, xq, x_scale, corr, out):
+    """Ternary weights × Q8_K activations, with the float arithmetic in ggml's x86 TQ kernels' order.
+
+    ``vec_dot_tq{1,2}_0_q8_K`` (AVX2, also what AVX-512 builds run) keeps 8 int32 lanes per 256-block (see
+    ``q8k_lane_corrections``), converts each lane to float and folds it into its own float accumulator with an
+    FMA, ``acc_j = fma(lane_j, d_x·d_w, acc_j)``, block after block; then ``hsum_float_8`` adds
+    ``((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))``. Rounding the 8 lane products separately instead of the
+    block total moves the result by an ulp now and then — enough to move a Q8_K rounding near a tie in the
+    next layer to the other side, which is why the order is reproduced here. Integer parts stay exact.
+    ``codes`` int8[N, K], ``w_scale`` float32[N, K // w_block] (w_block % 256 == 0), ``xq`` int8[T, K],
+    ``x_scale`` float32[T, K // 256], ``corr`` from ``q8k_lane_corrections``. Parallel over output rows.
+    """
+    n_out, k = codes.shape
+    n_tok = xq.shape[0]
+    for n in prange(n_out):
+        part = np.empty(32, dtype=np.int32)
+        acc = np.empty(Q8K_LANES, dtype=np.float32)
+        for t in range(n_tok):
+            acc[:] = np.float32(0.0)
+            for b in range(k // 256):
+                k0 = b * 256
+                part[:] = 0
+                for c in range(8):
+                    e0 = k0 + 32 * c
+                    for i in range(32):
+                        part[i] += np.int32(codes[n, e0 + i]) * np.int32(xq[t, e0 + i])
+                d = x_scale[t, b] * w_scale[n, k0 // w_block]
+                for j in range(Q8K_LANES):
+                    lane = part[4 * j] + part[4 * j + 1] + part[4 * j + 2] + part[4 * j + 3] + corr[t, b, j]
+                    acc[j] = fma_f32(np.float32(lane), d, acc[j])
+            out[t, n] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 
 
 @njit(parallel=True, cache=True)
@@ -210,9 +285,41 @@ def apply_rope(x, cos, sin, n_head, head_dim, n_rot, neox):
                 x[t, b] = x0 * s + x1 * c
 
 
+# ggml_v_expf's constants, spelled as in its source (hex floats, all exact in float32)
+_EXP_SHIFT = np.float32(float.fromhex("0x1.8p23"))
+_EXP_INV_LN2 = np.float32(float.fromhex("0x1.715476p+0"))
+_EXP_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
+_EXP_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_EXP_C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
+_EXP_C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
+_EXP_C3 = np.float32(float.fromhex("0x1.555e66p-3"))
+_EXP_C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
+_EXP_C1 = np.float32(float.fromhex("0x1.ffffecp-1"))
+
+
+@njit(cache=True)
+def ggml_expf(x):
+    """float32 ``exp(x)`` exactly as ggml's vectorised ``ggml_v_expf`` (the AVX-512 build of the oracle).
+
+    That is not libm's ``expf`` but ARM's optimized-routines approximation (~1.5 ulp off):
+    ``n = round(x/ln2)`` via the 1.5·2^23 trick, a two-constant reduction ``b = x − n·ln2``, a degree-5
+    polynomial in FMAs, scaled by ``2^n``; |n| > 192 gives 0 or inf. The FMA nesting below is the intrinsic
+    code's, operation for operation.
+    """
+    n = fma_f32(x, _EXP_INV_LN2, _EXP_SHIFT) - _EXP_SHIFT
+    b = fma_f32(-n, _EXP_LN2_LO, fma_f32(-n, _EXP_LN2_HI, x))
+    if abs(n) > np.float32(192.0):
+        return np.float32(np.inf) if n > np.float32(0.0) else np.float32(0.0)
+    u = b * b
+    hi = fma_f32(_EXP_C5, b, _EXP_C4)
+    lo = fma_f32(_EXP_C3, b, _EXP_C2)
+    j = fma_f32(fma_f32(hi, u, lo), u, fma_f32(_EXP_C1, b, np.float32(1.0)))
+    return np.float32(np.float64(j) * 2.0 ** int(n))  # scalef: j·2^n, rounded once
+
+
 @njit(cache=True)
 def gated_ffn(gate, up, relu2, out):
-    """``out = act(gate) · up`` with act = SiLU (``g / (1 + exp(-g))``) or ReLU² (``max(g, 0)²``)."""
+    """``out = act(gate) · up``, act = SiLU (``g / (1 + ggml_expf(-g))``, ggml's vector SiLU) or ReLU²."""
     n_tok, k = gate.shape
     for t in range(n_tok):
         for j in range(k):
@@ -221,7 +328,7 @@ def gated_ffn(gate, up, relu2, out):
                 r = max(g, np.float32(0.0))
                 a = r * r
             else:
-                a = g / (np.float32(1.0) + np.exp(-g))
+                a = g / (np.float32(1.0) + ggml_expf(np.float32(0.0) - g))
             out[t, j] = a * up[t, j]
 
 

@@ -69,7 +69,13 @@ class TernaryMatrix:
         x_block = self.n_in // n_act_blocks
         if x_block % self.block and self.block % x_block:
             raise ValueError(f"activation block {x_block} and weight block {self.block}: neither divides")
-        kernels.block_scaled_matmul(self.codes, self.block_scales, self.block, xq, x_scale, x_block, out)
+        if x_block == activations.Q8K_BLOCK and self.block % x_block == 0:
+            # llama.cpp's TQ × Q8_K path: its float accumulation order decides near-tie roundings downstream
+            corr = np.empty((n_tok, n_act_blocks, kernels.Q8K_LANES), dtype=np.int32)
+            kernels.q8k_lane_corrections(xq, corr)
+            kernels.ternary_q8k_matmul(self.codes, self.block_scales, self.block, xq, x_scale, corr, out)
+        else:
+            kernels.block_scaled_matmul(self.codes, self.block_scales, self.block, xq, x_scale, x_block, out)
         return out
 
     def dequantize(self) -> np.ndarray:

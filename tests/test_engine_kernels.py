@@ -104,13 +104,54 @@ def blockwise_reference(w: TernaryMatrix, xq: np.ndarray, x_scale: np.ndarray) -
     return out
 
 
-def test_ternary_matmul_integer_part_is_exact() -> None:
+@pytest.mark.parametrize("n_act_blocks", [1, 3])  # one scale per row, or Q8_K's per 256 (the lane kernel)
+def test_ternary_matmul_integer_part_is_exact(n_act_blocks: int) -> None:
     w = random_ternary(33, 768, 256)
     w.block_scales[:] = 1.0
     xq = RNG.integers(-128, 128, size=(5, 768)).astype(np.int8)
     out = np.empty((5, 33), dtype=np.float32)
-    w.matmul(xq, np.ones((5, 1), dtype=np.float32), out)
+    w.matmul(xq, np.ones((5, n_act_blocks), dtype=np.float32), out)
     np.testing.assert_array_equal(out, xq.astype(np.int64) @ w.codes.astype(np.int64).T)
+
+
+def ggml_tq_lane_reference(
+    codes: np.ndarray, w_scale: np.ndarray, xq: np.ndarray, xd: np.ndarray
+) -> np.ndarray:
+    """ggml's x86 TQ × Q8_K float order, written from the intrinsics' data flow (spec §6) in NumPy.
+
+    Lane j of a 256-block: Σ (code+1)·y over the bytes 4j..4j+3 of each 32-byte chunk, minus the bsums of
+    elements 32j..32j+31; ``acc_j = fma(lane_j, d_x·d_w, acc_j)`` (exact product and sum in float64, one
+    rounding to float32; no double rounding shows up at these magnitudes); then ``hsum_float_8``.
+    """
+    n, k = codes.shape
+    t, nb = xq.shape[0], k // 256
+    y = xq.astype(np.int64).reshape(t, 1, nb, 8, 8, 4)  # [token, -, block, chunk, lane, 4]
+    q = (codes.astype(np.int64) + 1).reshape(1, n, nb, 8, 8, 4)
+    bsums = xq.astype(np.int64).reshape(t, 1, nb, 8, 32).sum(axis=-1)  # 32-element runs, one per lane
+    lanes = (q * y).sum(axis=(3, 5)) - bsums  # [T, N, nb, 8]
+    acc = np.zeros((t, n, 8), dtype=np.float32)
+    for b in range(nb):
+        d = (xd[:, None, b] * w_scale[None, :, b]).astype(np.float32)  # float32 product, as ggml
+        exact = lanes[:, :, b, :].astype(np.float64) * d[:, :, None].astype(np.float64) + acc
+        acc = exact.astype(np.float32)
+    a = acc.transpose(2, 0, 1)
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+
+
+@pytest.mark.parametrize("k", [256, 768])
+def test_ternary_q8k_matmul_follows_ggml_lane_order(k: int) -> None:
+    w = random_ternary(64, k, 256)
+    x = RNG.normal(size=(6, k)).astype(np.float32)
+    xq, xd = activations.quantize_q8k(x)
+    out = np.empty((6, 64), dtype=np.float32)
+    w.matmul(xq, xd, out)
+    want = ggml_tq_lane_reference(w.codes, w.block_scales, xq, xd)
+    np.testing.assert_array_equal(out, want)
+    # the order is observable: one rounding of each block's total lands elsewhere for some outputs
+    totals = np.einsum("tbj,nbj->tnb", xq.reshape(6, -1, 256).astype(np.int64), w.codes.reshape(64, -1, 256))
+    d = (xd[:, None, :] * w.block_scales[None, :, :]).astype(np.float32)
+    plain = (totals.astype(np.float32) * d).sum(axis=2, dtype=np.float32)
+    assert np.any(plain != want)
 
 
 @pytest.mark.parametrize(("w_block", "n_act_blocks"), [(256, 3), (256, 1), (768, 3), (768, 1)])
@@ -219,6 +260,22 @@ def test_rope(neox: bool) -> None:
                 c, s = np.cos(theta[t, i]), np.sin(theta[t, i])
                 want[a], want[b] = v[a] * c - v[b] * s, v[a] * s + v[b] * c
             np.testing.assert_allclose(got[t, h * head_dim : (h + 1) * head_dim], want, atol=1e-5)
+
+
+def test_ggml_expf_is_a_faithful_exp() -> None:
+    """ggml's vector expf: an approximation (ARM's, "1.45 ulp + 0.5"; 2.2 seen near x = -47), inf/0 far out.
+
+    Bit-exactness with ggml is checked where it matters, by tests/test_oracle.py (the SiLU·up outputs).
+    """
+    x = np.linspace(-87.0, 88.0, 20001).astype(np.float32)
+    got = np.array([kernels.ggml_expf(v) for v in x])
+    exact = np.exp(x.astype(np.float64))
+    ulps = np.abs(got - exact) / np.spacing(exact.astype(np.float32))
+    assert ulps.max() <= 2.5
+    assert np.count_nonzero(got != np.exp(x)) > 0  # not libm's expf: the emulation is not a no-op
+    assert kernels.ggml_expf(np.float32(300.0)) == np.inf
+    assert kernels.ggml_expf(np.float32(-300.0)) == 0.0
+    assert kernels.ggml_expf(np.float32(0.0)) == 1.0
 
 
 def test_gated_ffn() -> None:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import ORACLE, ORACLE_MODELS
 from reference_forward import explain_by_near_ties
-from ternary.engine import activations
+from ternary.engine import activations, kernels
 from ternary.engine.engine import set_threads
-from ternary.engine.model import Transformer, load_transformer
+from ternary.engine.model import Transformer, load_transformer, rms_norm
 from ternary.formats.model_file import open_model
 
 MAX_FLIPS = 4
@@ -111,6 +111,33 @@ def test_each_layer_given_llamas_input_matches() -> None:
         # attention and its sub-norm see only llama.cpp's own layer input: these match to float32 round-off
         for key in (f"attn_norm-{il}", f"kqv_out-{il}", f"attn_sub_norm-{il}", f"ffn_inp-{il}"):
             np.testing.assert_allclose(trace[key], np.load(folder / f"{key}.npy"), atol=1e-4, err_msg=key)
+
+
+def test_ternary_matmuls_and_silu_are_bit_exact_given_llamas_inputs() -> None:
+    """From llama.cpp's own dumped inputs, O projection, gate/up + SiLU and down reproduce its bits.
+
+    This pins the float ORDER of ggml's x86 TQ × Q8_K dot (8 lanes, FMA, hsum) and its vector expf: a plain
+    ``(float)total · d`` per block or libm's exp leaves only 20-75% of these values bit-identical.
+    """
+    folder = ORACLE / "tiny-tq2_0-f16" / "prompt.batch.tensors"
+    m = model("tiny-tq2_0-f16")
+    eps = m.config.rms_eps
+
+    def dumped(key: str) -> np.ndarray:
+        return np.load(folder / f"{key}.npy")
+
+    for il, layer in enumerate(m.layers):
+        x = dumped("embd" if il == 0 else f"l_out-{il - 1}")
+        wo = layer.wo(*activations.quantize_q8k(dumped(f"attn_sub_norm-{il}")))
+        np.testing.assert_array_equal(x + wo, dumped(f"ffn_inp-{il}"), err_msg=f"ffn_inp-{il}")
+        hq = activations.quantize_q8k(rms_norm(dumped(f"ffn_inp-{il}"), layer.ffn_norm, eps))
+        f = np.empty((x.shape[0], layer.w_up.matrix.n_out), dtype=np.float32)
+        kernels.gated_ffn(layer.w_gate(*hq), layer.w_up(*hq), False, f)
+        np.testing.assert_array_equal(f, dumped(f"ffn_sub_out-{il}"), err_msg=f"ffn_sub_out-{il}")
+        down = layer.w_down(*activations.quantize_q8k(dumped(f"ffn_sub_norm-{il}")))
+        np.testing.assert_array_equal(
+            dumped(f"ffn_inp-{il}") + down, dumped(f"l_out-{il}"), err_msg=f"l_out-{il}"
+        )
 
 
 @pytest.mark.parametrize("case", ["prompt.batch", "rand64.batch"])
