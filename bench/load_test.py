@@ -40,6 +40,8 @@ class LevelResult:
     ttft_p95_ms: float
     latency_p50_ms: float
     latency_p95_ms: float
+    server_cpu_s: float | None  # CPU seconds the server process used (when the bench started it)
+    tokens_per_cpu_s: float | None  # completion tokens per server CPU second: less sensitive to a busy box
 
 
 def stream_completion(base: str, prompt: str, max_tokens: int, timeout: float) -> tuple[float, float, dict]:
@@ -77,7 +79,9 @@ def stream_completion(base: str, prompt: str, max_tokens: int, timeout: float) -
         conn.close()
 
 
-def run_level(base: str, clients: int, per_client: int, max_tokens: int, prompt: str) -> LevelResult:
+def run_level(
+    base: str, clients: int, per_client: int, max_tokens: int, prompt: str, server_pid: int | None
+) -> LevelResult:
     ttfts: list[float] = []
     latencies: list[float] = []
     totals = {"completion": 0, "prompt": 0, "errors": 0}
@@ -100,12 +104,14 @@ def run_level(base: str, clients: int, per_client: int, max_tokens: int, prompt:
                 totals["prompt"] += usage.get("prompt_tokens", 0)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    cpu0 = _cpu_seconds(server_pid)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = None if server_pid is None else round(_cpu_seconds(server_pid) - cpu0, 3)
     return LevelResult(
         clients=clients,
         requests=clients * per_client,
@@ -118,7 +124,18 @@ def run_level(base: str, clients: int, per_client: int, max_tokens: int, prompt:
         ttft_p95_ms=round(_percentile(ttfts, 95) * 1e3, 1),
         latency_p50_ms=round(_percentile(latencies, 50) * 1e3, 1),
         latency_p95_ms=round(_percentile(latencies, 95) * 1e3, 1),
+        server_cpu_s=cpu,
+        tokens_per_cpu_s=round(totals["completion"] / cpu, 2) if cpu else None,
     )
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -186,22 +203,24 @@ def main(argv: list[str] | None = None) -> int:
         stream_completion(base, "warm-up", 4, timeout=600)  # JIT and caches, outside the figures
         with urllib.request.urlopen(base + "/props", timeout=30) as r:
             props = json.loads(r.read())
-        results = [run_level(base, c, args.requests, args.max_tokens, args.prompt) for c in levels]
+        pid = server.proc.pid if server is not None else None
+        results = [run_level(base, c, args.requests, args.max_tokens, args.prompt, pid) for c in levels]
     finally:
         if server is not None:
             server.stop()
 
-    slots = props.get("total_slots")
-    print(f"\nserver {base}: {props.get('model_alias')}, {slots} slots, {os.cpu_count()} cpus")
+    model, slots, load = props.get("model_alias"), props.get("total_slots"), os.getloadavg()[0]
+    print(f"\nserver {base}: {model}, {slots} slots, {os.cpu_count()} cpus, load average {load:.1f}")
     columns = ["clients", "requests", "errors", "completion_tokens", "wall_s", "tokens_per_s"]
-    columns += ["ttft_p50_ms", "ttft_p95_ms", "latency_p50_ms", "latency_p95_ms"]
+    columns += ["ttft_p50_ms", "ttft_p95_ms", "latency_p50_ms", "server_cpu_s", "tokens_per_cpu_s"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---:|" * len(columns))
     for r in results:
         print("| " + " | ".join(str(getattr(r, c)) for c in columns) + " |")
     summary = {
-        "model": props.get("model_alias"),
-        "slots": props.get("total_slots"),
+        "model": model,
+        "load_average": round(load, 2),
+        "slots": slots,
         "max_tokens": args.max_tokens,
         "levels": [asdict(r) for r in results],
     }

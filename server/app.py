@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from ternary.engine.engine import Engine, set_threads
 from ternary.engine.sampling import Sampler, SamplingParams
 from ternary.formats.tokenizer import StreamDecoder
 from ternary.server import params
@@ -64,8 +66,6 @@ EngineFactory = Callable[[ServerSettings], Any]
 
 
 def default_engine_factory(settings: ServerSettings) -> Any:
-    from ternary.engine.engine import Engine
-
     return Engine(settings.model, threads=settings.threads, n_ctx=settings.n_ctx, n_slots=settings.n_slots)
 
 
@@ -123,6 +123,8 @@ class ServerState:
             batch_size=s.batch_size,
             max_waiting=s.max_waiting,
             observer=self.metrics,
+            # numba.set_num_threads is per thread: apply the engine's count where eval_batch will run
+            thread_setup=partial(set_threads, engine.threads) if hasattr(engine, "threads") else None,
         )
         scheduler.start()
         model_id = s.alias or Path(s.model).name

@@ -122,6 +122,7 @@ class Scheduler:
         batch_size: int = 256,
         max_waiting: int = 64,
         observer: StepObserver | None = None,
+        thread_setup: Callable[[], object] | None = None,
     ) -> None:
         self.engine = engine
         self.n_slots = int(engine.n_slots)
@@ -129,6 +130,7 @@ class Scheduler:
         self.batch_size = max(batch_size, self.n_slots)
         self.max_waiting = max_waiting
         self.observer = observer
+        self.thread_setup = thread_setup  # runs first on the scheduler thread (per-thread library settings)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -183,6 +185,8 @@ class Scheduler:
 
     # ---- scheduler thread ----
     def _run(self) -> None:
+        if self.thread_setup is not None:
+            self.thread_setup()
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._active:

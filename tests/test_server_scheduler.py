@@ -231,6 +231,17 @@ def test_engine_failure_fails_that_batch_and_the_worker_keeps_serving(run_schedu
     assert ok.history[3:] == reference_greedy([74] * 3, 3)
 
 
+def test_thread_setup_runs_on_the_scheduler_thread(run_scheduler):
+    # numba.set_num_threads is per thread: the engine's thread count must be applied where eval_batch runs
+    seen = []
+    engine = PrefixEngine(n_slots=1, n_ctx=16)
+    sched = run_scheduler(engine, thread_setup=lambda: seen.append(threading.get_ident()))
+    job, sink = make_job([76] * 2, max_new=1)
+    sched.submit(job)
+    assert sink.final.reason == "length"
+    assert seen == [sched._thread.ident] and seen[0] != threading.get_ident()
+
+
 def test_logprobs_are_the_model_log_softmax(run_scheduler):
     sched = run_scheduler(PrefixEngine(n_slots=1, n_ctx=64))
     prompt = [75] * 4
