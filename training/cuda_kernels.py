@@ -1,0 +1,709 @@
+"""numba.cuda kernels of the trainer's GPU backend (`cuda_ops` launches them; nothing else should).
+
+Every kernel is a top-level `@cuda.jit(cache=True)` function over C-contiguous arrays, usually their flat
+1-D views, with sizes passed explicitly. Conventions:
+- Elementwise kernels: grid-stride loops over the flat array, blocks of `EW_BLOCK`.
+- Row kernels (norms, softmax, losses): one block of `ROW_BLOCK` threads per row; block reductions go through
+  a shared buffer (a tree, so the order is fixed and results are reproducible).
+- No float atomics where an order matters: reductions write one partial per block and a second kernel adds
+  the partials in a fixed order, so a training run gives the same bits every time on the same GPU.
+- The GEMM is a 128x128 tile per block of 256 threads, 8x8 outputs per thread, BK=8 with register
+  prefetching of the next tile; it runs any op(A)·op(B) (transposes, batches, split-K).
+
+Under the simulator (NUMBA_ENABLE_CUDASIM=1) the blocks and GEMM tiles are smaller so CI stays fast; the
+code is the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+from numba.core import config
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+EW_BLOCK = 32 if SIMULATOR else 256
+ROW_BLOCK = 8 if SIMULATOR else 256  # a power of two
+N_PARTIALS = 8 if SIMULATOR else 512  # most blocks of a two-pass reduction
+MAX_EW_BLOCKS = 2 if SIMULATOR else 8192  # grid-stride loops cover larger arrays
+
+# GEMM tiling: a block computes a TBM x TBN tile of C with GEMM_THREADS threads, each TM x TN outputs
+# strided by GEMM_TY (rows) / GEMM_TX (columns), so shared-memory reads are conflict-free.
+# (The simulator runs one Python thread per GPU thread: it gets 16x16 tiles of 16 threads.)
+TBM = 16 if SIMULATOR else 128
+TBN = TBM
+TBK = 8
+GEMM_TX = 4 if SIMULATOR else 16
+GEMM_TY = GEMM_TX
+GEMM_THREADS = GEMM_TX * GEMM_TY
+TM = TBM // GEMM_TY
+TN = TBN // GEMM_TX
+PAD = 4  # shared rows are TBM + PAD long: the transposed stores then hit 32 different banks
+A_LOADS = TBM * TBK // GEMM_THREADS
+B_LOADS = TBN * TBK // GEMM_THREADS
+
+ACT_SILU = 0
+ACT_RELU2 = 1
+
+
+# ------------------------------------------------------------------------------------------ device helpers
+
+
+@cuda.jit(device=True)
+def _block_sum(buf, v):
+    """Sum of `v` over the block's ROW_BLOCK threads (all must call); `buf` is a shared [ROW_BLOCK]."""
+    t = cuda.threadIdx.x
+    buf[t] = v
+    cuda.syncthreads()
+    s = ROW_BLOCK // 2
+    while s > 0:
+        if t < s:
+            buf[t] += buf[t + s]
+        cuda.syncthreads()
+        s //= 2
+    r = buf[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def _block_max(buf, v):
+    t = cuda.threadIdx.x
+    buf[t] = v
+    cuda.syncthreads()
+    s = ROW_BLOCK // 2
+    while s > 0:
+        if t < s:
+            buf[t] = max(buf[t], buf[t + s])
+        cuda.syncthreads()
+        s //= 2
+    r = buf[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def _sum_partials(buf64, partials, n):
+    """Σ partials[:n] (float64, n ≤ ROW_BLOCK·k) in a fixed order, on every thread of the block."""
+    t = cuda.threadIdx.x
+    acc = 0.0
+    for i in range(t, n, ROW_BLOCK):
+        acc += partials[i]
+    return _block_sum(buf64, acc)
+
+
+@cuda.jit(device=True)
+def _rint(x):
+    """Round half to even (NumPy's np.round, torch.round)."""
+    return float(round(x))
+
+
+# ------------------------------------------------------------------------------------- elementwise kernels
+
+
+@cuda.jit(cache=True)
+def fill(out, value):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[i] = value
+
+
+@cuda.jit(cache=True)
+def add(a, b, out):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[i] = a[i] + b[i]
+
+
+@cuda.jit(cache=True)
+def add_inplace(a, b):
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        a[i] += b[i]
+
+
+@cuda.jit(cache=True)
+def scale_inplace(a, s):
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        a[i] *= s
+
+
+@cuda.jit(cache=True)
+def glu(g, u, out, act):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        x = g[i]
+        if act == ACT_SILU:
+            out[i] = x * (0.5 * (1.0 + math.tanh(0.5 * x))) * u[i]
+        else:
+            r = max(x, 0.0)
+            out[i] = r * r * u[i]
+
+
+@cuda.jit(cache=True)
+def glu_backward(dh, g, u, dg, du, act):
+    for i in range(cuda.grid(1), dh.size, cuda.gridsize(1)):
+        x = g[i]
+        d = dh[i]
+        if act == ACT_SILU:
+            sig = 0.5 * (1.0 + math.tanh(0.5 * x))
+            silu = x * sig
+            dg[i] = d * u[i] * (sig + silu * (1.0 - sig))
+            du[i] = d * silu
+        else:
+            r = max(x, 0.0)
+            dg[i] = 2.0 * d * u[i] * r
+            du[i] = d * r * r
+
+
+@cuda.jit(cache=True)
+def softcap(x, out, cap):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[i] = cap * math.tanh(x[i] / cap)
+
+
+@cuda.jit(cache=True)
+def softcap_backward(dy, y, out, cap):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        t = y[i] / cap
+        out[i] = dy[i] * (1.0 - t * t)
+
+
+@cuda.jit(cache=True)
+def embedding(table, ids, out, width):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        row = i // width
+        out[i] = table[ids[row] * width + i % width]
+
+
+@cuda.jit(cache=True)
+def permute_heads(src, dst, seq, n_head, head_dim, to_heads):
+    """[B, T, H, hd] <-> [B, H, T, hd] (to_heads: 1 splits, 0 merges); one thread per destination element."""
+    for i in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
+        d = i % head_dim
+        r = i // head_dim
+        if to_heads:  # dst [B, H, T, hd]
+            t = r % seq
+            r //= seq
+            h = r % n_head
+            b = r // n_head
+        else:  # dst [B, T, H, hd]
+            h = r % n_head
+            r //= n_head
+            t = r % seq
+            b = r // seq
+        heads_index = ((b * n_head + h) * seq + t) * head_dim + d
+        tokens_index = ((b * seq + t) * n_head + h) * head_dim + d
+        if to_heads:
+            dst[i] = src[tokens_index]
+        else:
+            dst[i] = src[heads_index]
+
+
+@cuda.jit(cache=True)
+def rope(x, cos, sin, out, seq, head_dim, half, sign):
+    """NEOX rotation of pairs (d, d + half) by sign·θ(t, d); dims ≥ 2·half pass through."""
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        d = i % head_dim
+        t = (i // head_dim) % seq
+        if d < half:
+            c = cos[t * half + d]
+            s = sign * sin[t * half + d]
+            out[i] = x[i] * c - x[i + half] * s
+        elif d < 2 * half:
+            c = cos[t * half + d - half]
+            s = sign * sin[t * half + d - half]
+            out[i] = x[i - half] * s + x[i] * c
+        else:
+            out[i] = x[i]
+
+
+@cuda.jit(cache=True)
+def transpose(src, dst, rows, cols):
+    """dst [cols, rows] = src [rows, cols]ᵀ."""
+    for i in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
+        c = i // rows
+        r = i % rows
+        dst[i] = src[r * cols + c]
+
+
+# ------------------------------------------------------------------------------------------ reductions
+
+
+@cuda.jit(cache=True)
+def sum_squares_partial(a, partials):
+    """partials[block] = Σ a² (float64) over a grid-stride share of a; launch N_PARTIALS blocks."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float64)
+    acc = 0.0
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        v = np.float64(a[i])
+        acc += v * v
+    s = _block_sum(buf, acc)
+    if cuda.threadIdx.x == 0:
+        partials[cuda.blockIdx.x] = s
+
+
+@cuda.jit(cache=True)
+def abs_sum_partial(a, partials):
+    buf = cuda.shared.array(ROW_BLOCK, np.float64)
+    acc = 0.0
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        acc += abs(np.float64(a[i]))
+    s = _block_sum(buf, acc)
+    if cuda.threadIdx.x == 0:
+        partials[cuda.blockIdx.x] = s
+
+
+@cuda.jit(cache=True)
+def max_abs_partial(a, partials):
+    buf = cuda.shared.array(ROW_BLOCK, np.float32)
+    acc = np.float32(0.0)
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        acc = max(acc, abs(a[i]))
+    s = _block_max(buf, acc)
+    if cuda.threadIdx.x == 0:
+        partials[cuda.blockIdx.x] = s
+
+
+@cuda.jit(cache=True)
+def ternary_apply(w, partials, n_partials, eps, out):
+    """out = clip(round(w/γ), −1, 1)·γ with γ = Σ|w|/n + eps from `abs_sum_partial`'s partials."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float64)
+    total = _sum_partials(buf, partials, n_partials)
+    gamma = np.float32(total / w.size + eps)
+    for i in range(cuda.grid(1), w.size, cuda.gridsize(1)):
+        q = _rint(w[i] / gamma)
+        out[i] = min(max(q, -1.0), 1.0) * gamma
+
+
+@cuda.jit(cache=True)
+def scale_by_inverse_norm(x, partials, n_partials, eps):
+    """x /= sqrt(Σ x²) + eps, Σ x² from `sum_squares_partial`'s partials (Newton–Schulz normalisation)."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float64)
+    total = _sum_partials(buf, partials, n_partials)
+    norm = np.float32(math.sqrt(total) + eps)
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        x[i] = x[i] / norm
+
+
+@cuda.jit(cache=True)
+def column_sums(partials, out, n_rows, width):
+    """out[c] = Σ_r partials[r, c] (r in order)."""
+    c = cuda.grid(1)
+    if c < width:
+        acc = partials[c]
+        for r in range(1, n_rows):
+            acc += partials[r * width + c]
+        out[c] = acc
+
+
+# ------------------------------------------------------------------------------------------ row kernels
+
+
+@cuda.jit(cache=True)
+def rmsnorm(x, w, eps, y, rstd, width):
+    buf = cuda.shared.array(ROW_BLOCK, np.float32)
+    row = cuda.blockIdx.x
+    base = row * width
+    t = cuda.threadIdx.x
+    acc = np.float32(0.0)
+    for j in range(t, width, ROW_BLOCK):
+        v = x[base + j]
+        acc += v * v
+    ms = _block_sum(buf, acc) / width
+    r = np.float32(1.0) / math.sqrt(ms + eps)
+    if t == 0:
+        rstd[row] = r
+    for j in range(t, width, ROW_BLOCK):
+        y[base + j] = x[base + j] * r * w[j]
+
+
+@cuda.jit(cache=True)
+def rmsnorm_backward_dx(dy, x, w, rstd, dx, width):
+    """dx = rstd·(dy·w − x̂·mean(dy·w·x̂)), x̂ = x·rstd."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float32)
+    row = cuda.blockIdx.x
+    base = row * width
+    t = cuda.threadIdx.x
+    r = rstd[row]
+    acc = np.float32(0.0)
+    for j in range(t, width, ROW_BLOCK):
+        acc += dy[base + j] * w[j] * (x[base + j] * r)
+    mean = _block_sum(buf, acc) / width
+    for j in range(t, width, ROW_BLOCK):
+        dx[base + j] = r * (dy[base + j] * w[j] - x[base + j] * r * mean)
+
+
+@cuda.jit(cache=True)
+def rmsnorm_backward_dw_partial(dy, x, rstd, partials, n_rows, width, rows_per_chunk):
+    """partials[chunk, c] = Σ_{rows of chunk} dy·x·rstd; grid (column blocks, chunks)."""
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    chunk = cuda.blockIdx.y
+    if c < width:
+        acc = np.float32(0.0)
+        end = min((chunk + 1) * rows_per_chunk, n_rows)
+        for r in range(chunk * rows_per_chunk, end):
+            acc += dy[r * width + c] * (x[r * width + c] * rstd[r])
+        partials[chunk * width + c] = acc
+
+
+@cuda.jit(cache=True)
+def quantize_activations(x, out, width):
+    """Per-row absmax int8 fake quantization: clip(round(x·127/amax), −128, 127)·amax/127."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float32)
+    base = cuda.blockIdx.x * width
+    t = cuda.threadIdx.x
+    acc = np.float32(0.0)
+    for j in range(t, width, ROW_BLOCK):
+        acc = max(acc, abs(x[base + j]))
+    amax = _block_max(buf, acc)
+    if amax > 0:
+        scale = np.float32(127.0) / amax
+        inv = amax / np.float32(127.0)
+    else:
+        scale = np.float32(0.0)
+        inv = np.float32(0.0)
+    for j in range(t, width, ROW_BLOCK):
+        q = _rint(x[base + j] * scale)
+        out[base + j] = min(max(q, -128.0), 127.0) * inv
+
+
+@cuda.jit(cache=True)
+def embedding_backward(dy, order, starts, uniq, out, width):
+    """out[uniq[u], c] = Σ_{s in [starts[u], starts[u+1])} dy[order[s], c], summed in token order."""
+    u = cuda.blockIdx.x
+    c = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    if c < width:
+        acc = np.float32(0.0)
+        for s in range(starts[u], starts[u + 1]):
+            acc += dy[order[s] * width + c]
+        out[uniq[u] * width + c] = acc
+
+
+@cuda.jit(cache=True)
+def attention_softmax(scores, capped, seq, width, scale, cap):
+    """Rows of scores [rows, seq] (row r is query position r % seq) → causal softmax(cap(s·scale)), in place.
+
+    With cap > 0 also stores tanh(s·scale/cap) in `capped` for the backward."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float32)
+    row = cuda.blockIdx.x
+    base = row * width
+    tq = row % seq
+    t = cuda.threadIdx.x
+    mx = np.float32(-np.inf)
+    for j in range(t, tq + 1, ROW_BLOCK):
+        s = scores[base + j] * scale
+        if cap > 0:
+            c = math.tanh(s / cap)
+            capped[base + j] = c
+            s = c * cap
+        scores[base + j] = s
+        mx = max(mx, s)
+    mx = _block_max(buf, mx)
+    acc = np.float32(0.0)
+    for j in range(t, tq + 1, ROW_BLOCK):
+        e = math.exp(scores[base + j] - mx)
+        scores[base + j] = e
+        acc += e
+    inv = np.float32(1.0) / _block_sum(buf, acc)
+    for j in range(t, width, ROW_BLOCK):
+        if j <= tq:
+            scores[base + j] = scores[base + j] * inv
+        else:
+            scores[base + j] = 0.0
+            if cap > 0:
+                capped[base + j] = 0.0
+
+
+@cuda.jit(cache=True)
+def attention_softmax_backward(dp, probs, capped, seq, width, scale, cap):
+    """dp → d(scores before scaling) in place: p·(dp − Σ dp·p)·(1 − c²)·scale (causal rows)."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float32)
+    row = cuda.blockIdx.x
+    base = row * width
+    tq = row % seq
+    t = cuda.threadIdx.x
+    acc = np.float32(0.0)
+    for j in range(t, tq + 1, ROW_BLOCK):
+        acc += dp[base + j] * probs[base + j]
+    dot = _block_sum(buf, acc)
+    for j in range(t, width, ROW_BLOCK):
+        if j <= tq:
+            d = probs[base + j] * (dp[base + j] - dot)
+            if cap > 0:
+                c = capped[base + j]
+                d *= 1.0 - c * c
+            dp[base + j] = d * scale
+        else:
+            dp[base + j] = 0.0
+
+
+@cuda.jit(cache=True)
+def cross_entropy(logits, targets, entropy_weight, grad_scale, grad, ce_rows, ent_rows, width):
+    """Per row: log-softmax, CE against the target (−1: ignored row), entropy, and the loss gradient."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float32)
+    row = cuda.blockIdx.x
+    base = row * width
+    t = cuda.threadIdx.x
+    target = targets[row]
+    mx = np.float32(-np.inf)
+    for j in range(t, width, ROW_BLOCK):
+        mx = max(mx, logits[base + j])
+    mx = _block_max(buf, mx)
+    se = np.float32(0.0)
+    sez = np.float32(0.0)
+    for j in range(t, width, ROW_BLOCK):
+        z = logits[base + j] - mx
+        e = math.exp(z)
+        se += e
+        sez += e * z
+    se = _block_sum(buf, se)
+    sez = _block_sum(buf, sez)
+    log_se = math.log(se)
+    ent = log_se - sez / se  # −Σ p·log p
+    valid = target >= 0
+    for j in range(t, width, ROW_BLOCK):
+        if valid:
+            logp = logits[base + j] - mx - log_se
+            p = math.exp(logp)
+            g = p
+            if j == target:
+                g -= 1.0
+            if entropy_weight != 0:
+                g += entropy_weight * p * (logp + ent)
+            grad[base + j] = g * grad_scale
+        else:
+            grad[base + j] = 0.0
+    if t == 0:
+        if valid:
+            ce_rows[row] = -(logits[base + target] - mx - log_se)
+            ent_rows[row] = ent
+        else:
+            ce_rows[row] = 0.0
+            ent_rows[row] = 0.0
+
+
+@cuda.jit(cache=True)
+def kl_to_teacher(logits, teacher_ids, teacher_probs, inv_temp, grad_scale, grad, kl_rows, width, k):
+    """Per row: KL(p_t ‖ softmax(z/T)) over the teacher's k entries and its gradient (·grad_scale)."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float32)
+    row = cuda.blockIdx.x
+    base = row * width
+    tb = row * k
+    t = cuda.threadIdx.x
+    mx = np.float32(-np.inf)
+    for j in range(t, width, ROW_BLOCK):
+        mx = max(mx, logits[base + j] * inv_temp)
+    mx = _block_max(buf, mx)
+    se = np.float32(0.0)
+    for j in range(t, width, ROW_BLOCK):
+        se += math.exp(logits[base + j] * inv_temp - mx)
+    log_se = math.log(_block_sum(buf, se))
+    mass = np.float32(0.0)
+    kl = np.float32(0.0)
+    for i in range(t, k, ROW_BLOCK):
+        p = teacher_probs[tb + i]
+        mass += p
+        if p > 0:
+            logq = logits[base + teacher_ids[tb + i]] * inv_temp - mx - log_se
+            kl += p * (math.log(p) - logq)
+    mass = _block_sum(buf, mass)
+    kl = _block_sum(buf, kl)
+    for j in range(t, width, ROW_BLOCK):
+        grad[base + j] = math.exp(logits[base + j] * inv_temp - mx - log_se) * mass * grad_scale
+    cuda.syncthreads()
+    for i in range(t, k, ROW_BLOCK):
+        cuda.atomic.add(grad, base + teacher_ids[tb + i], -teacher_probs[tb + i] * grad_scale)
+    if t == 0:
+        kl_rows[row] = kl
+
+
+# -------------------------------------------------------------------------------------------- optimizers
+
+
+@cuda.jit(cache=True)
+def adamw(p, g, m, v, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bc1, bc2, eps, decay):
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        gi = g[i]
+        mi = m[i] * beta1 + one_minus_beta1 * gi
+        vi = v[i] * beta2 + one_minus_beta2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - lr * (mi / bc1) / (math.sqrt(vi / bc2) + eps)
+
+
+@cuda.jit(cache=True)
+def lion(p, g, m, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, decay):
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        gi = g[i]
+        mi = m[i]
+        c = beta1 * mi + one_minus_beta1 * gi
+        direction = np.float32(1.0) if c > 0 else (np.float32(-1.0) if c < 0 else np.float32(0.0))
+        p[i] = p[i] * decay - lr * direction
+        m[i] = beta2 * mi + one_minus_beta2 * gi
+
+
+@cuda.jit(cache=True)
+def muon_momentum(g, buf, out, momentum, nesterov):
+    """buf = μ·buf + g; out = g + μ·buf (Nesterov) or buf."""
+    for i in range(cuda.grid(1), g.size, cuda.gridsize(1)):
+        b = buf[i] * momentum + g[i]
+        buf[i] = b
+        out[i] = g[i] + momentum * b if nesterov else b
+
+
+@cuda.jit(cache=True)
+def muon_apply(p, update, update_scale, lr, decay):
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        p[i] = p[i] * decay - lr * (update[i] * update_scale)
+
+
+# ------------------------------------------------------------------------------------------------- GEMM
+
+
+@cuda.jit(cache=True)
+def gemm(a, b, c, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c, splits, k_chunk, alpha, beta):
+    """C = alpha·op(A)·op(B) + beta·C for each batch z; flat float32 arrays, op(A) [m, k], op(B) [k, n].
+
+    A is stored [m, k] (trans_a = 0) or [k, m]; B [k, n] (trans_b = 0) or [n, k]; C [m, n].
+    grid (ceil(n/TBN), ceil(m/TBM), batch·splits): split s of a batch covers k in [s·k_chunk, (s+1)·k_chunk)
+    and, when splits > 1, writes its raw partial product to C[(z·splits + s)] (alpha 1, beta 0 expected)."""
+    a_s = cuda.shared.array((TBK, TBM + PAD), np.float32)
+    b_s = cuda.shared.array((TBK, TBN + PAD), np.float32)
+    acc = cuda.local.array((TM, TN), np.float32)
+    a_reg = cuda.local.array(A_LOADS, np.float32)
+    b_reg = cuda.local.array(B_LOADS, np.float32)
+    a_frag = cuda.local.array(TM, np.float32)
+    b_frag = cuda.local.array(TN, np.float32)
+
+    tid = cuda.threadIdx.x
+    ty = tid // GEMM_TX
+    tx = tid % GEMM_TX
+    zz = cuda.blockIdx.z
+    batch = zz // splits
+    split = zz % splits
+    m0 = cuda.blockIdx.y * TBM
+    n0 = cuda.blockIdx.x * TBN
+    a_off = batch * stride_a
+    b_off = batch * stride_b
+    c_off = zz * stride_c
+    k_begin = split * k_chunk
+    k_end = min(k_begin + k_chunk, k)
+    lda = m if trans_a else k
+    ldb = k if trans_b else n
+
+    for i in range(TM):
+        for j in range(TN):
+            acc[i, j] = 0.0
+
+    # global -> registers for the tile at k_begin
+    for r in range(A_LOADS):
+        idx = tid + r * GEMM_THREADS
+        if trans_a:
+            ii = idx % TBM
+            kk = idx // TBM
+        else:
+            kk = idx % TBK
+            ii = idx // TBK
+        gi = m0 + ii
+        gk = k_begin + kk
+        v = np.float32(0.0)
+        if gi < m and gk < k_end:
+            v = a[a_off + (gk * lda + gi if trans_a else gi * lda + gk)]
+        a_reg[r] = v
+    for r in range(B_LOADS):
+        idx = tid + r * GEMM_THREADS
+        if trans_b:
+            kk = idx % TBK
+            jj = idx // TBK
+        else:
+            jj = idx % TBN
+            kk = idx // TBN
+        gj = n0 + jj
+        gk = k_begin + kk
+        v = np.float32(0.0)
+        if gj < n and gk < k_end:
+            v = b[b_off + (gj * ldb + gk if trans_b else gk * ldb + gj)]
+        b_reg[r] = v
+
+    for k0 in range(k_begin, k_end, TBK):
+        # registers -> shared
+        for r in range(A_LOADS):
+            idx = tid + r * GEMM_THREADS
+            if trans_a:
+                a_s[idx // TBM, idx % TBM] = a_reg[r]
+            else:
+                a_s[idx % TBK, idx // TBK] = a_reg[r]
+        for r in range(B_LOADS):
+            idx = tid + r * GEMM_THREADS
+            if trans_b:
+                b_s[idx % TBK, idx // TBK] = b_reg[r]
+            else:
+                b_s[idx // TBN, idx % TBN] = b_reg[r]
+        cuda.syncthreads()
+        # prefetch the next tile while this one is multiplied
+        k1 = k0 + TBK
+        if k1 < k_end:
+            for r in range(A_LOADS):
+                idx = tid + r * GEMM_THREADS
+                if trans_a:
+                    ii = idx % TBM
+                    kk = idx // TBM
+                else:
+                    kk = idx % TBK
+                    ii = idx // TBK
+                gi = m0 + ii
+                gk = k1 + kk
+                v = np.float32(0.0)
+                if gi < m and gk < k_end:
+                    v = a[a_off + (gk * lda + gi if trans_a else gi * lda + gk)]
+                a_reg[r] = v
+            for r in range(B_LOADS):
+                idx = tid + r * GEMM_THREADS
+                if trans_b:
+                    kk = idx % TBK
+                    jj = idx // TBK
+                else:
+                    jj = idx % TBN
+                    kk = idx // TBN
+                gj = n0 + jj
+                gk = k1 + kk
+                v = np.float32(0.0)
+                if gj < n and gk < k_end:
+                    v = b[b_off + (gj * ldb + gk if trans_b else gk * ldb + gj)]
+                b_reg[r] = v
+        for kk in range(TBK):
+            for i in range(TM):
+                a_frag[i] = a_s[kk, ty + i * GEMM_TY]
+            for j in range(TN):
+                b_frag[j] = b_s[kk, tx + j * GEMM_TX]
+            for i in range(TM):
+                for j in range(TN):
+                    acc[i, j] += a_frag[i] * b_frag[j]
+        cuda.syncthreads()
+
+    for i in range(TM):
+        gi = m0 + ty + i * GEMM_TY
+        if gi < m:
+            for j in range(TN):
+                gj = n0 + tx + j * GEMM_TX
+                if gj < n:
+                    at = c_off + gi * n + gj
+                    if beta != 0:
+                        c[at] = alpha * acc[i, j] + beta * c[at]
+                    else:
+                        c[at] = alpha * acc[i, j]
+
+
+@cuda.jit(cache=True)
+def splitk_reduce(partials, c, mn, splits, alpha, beta):
+    """C[z] = alpha·Σ_s partials[z, s] + beta·C[z] (s in order); grid over batch·mn elements."""
+    for i in range(cuda.grid(1), c.size, cuda.gridsize(1)):
+        z = i // mn
+        e = i % mn
+        base = z * splits * mn + e
+        acc = partials[base]
+        for s in range(1, splits):
+            acc += partials[base + s * mn]
+        if beta != 0:
+            c[i] = alpha * acc + beta * c[i]
+        else:
+            c[i] = alpha * acc
