@@ -169,7 +169,7 @@ def learn_tokenizer(files: list[Path], vocab_size: int, sample_bytes: int, out: 
 
 def _set_steps(trainer: Any, steps: int) -> None:
     s = trainer.cfg.schedule
-    steps = max(steps, trainer.step + 1)
+    steps = max(steps, trainer.step, 1)
     sched = dataclasses.replace(s, steps=steps, warmup_steps=min(s.warmup_steps, steps))
     trainer.cfg = dataclasses.replace(trainer.cfg, schedule=sched)
 
@@ -178,25 +178,25 @@ def train_to_budget(trainer: Any, max_seconds: float | None, fixed_steps: bool, 
     """Run `trainer` until its schedule ends or `max_seconds` pass, checkpointing at least once a minute.
 
     Unless `fixed_steps`, the schedule's length is planned from the measured step time so that it ends (and
-    its learning rate decays) inside the budget. A fresh run takes the plan as is; a resumed run keeps its
-    saved plan unless the budget is too short for it. The plan is re-made after each chunk, only shortening.
+    its learning rate decays) inside the budget, and re-planned after every chunk from the latest step time:
+    longer or shorter while the schedule is still before its decay stage (warmup-stable-decay makes that
+    harmless), only shorter once the decay has begun.
     """
+    from ternary.training.schedule import decay_start
+
     t0 = time.perf_counter()
     start_step = trainer.step
-    resumed = trainer.step > 0
 
     def elapsed() -> float:
         return time.perf_counter() - t0
 
-    def plan(sec_per_step: float, allow_longer: bool) -> None:
+    def plan(sec_per_step: float) -> None:
         if max_seconds is None or fixed_steps:
             return
         fits = trainer.step + int(SAFETY * (max_seconds - elapsed()) / sec_per_step)
-        if allow_longer or fits < trainer.cfg.schedule.steps:
-            log(
-                f"budget: {sec_per_step:.3f} s/step: schedule.steps {trainer.cfg.schedule.steps} -> {fits} "
-                f"to fit {max_seconds / 60:.1f} min"
-            )
+        current = trainer.cfg.schedule.steps
+        if fits < current or (fits > current and trainer.step < decay_start(trainer.cfg.schedule)):
+            log(f"budget: {sec_per_step:.3f} s/step: schedule.steps {current} -> {fits}")
             _set_steps(trainer, fits)
 
     sec_per_step = None
@@ -205,7 +205,7 @@ def train_to_budget(trainer: Any, max_seconds: float | None, fixed_steps: bool, 
         t1, s1 = time.perf_counter(), trainer.step
         trainer.fit(steps=min(trainer.step + CALIBRATION_STEPS, trainer.cfg.schedule.steps))
         sec_per_step = (time.perf_counter() - t1) / max(trainer.step - s1, 1)
-        plan(sec_per_step, allow_longer=not resumed)
+        plan(sec_per_step)
     stopped_early = False
     while trainer.step < trainer.cfg.schedule.steps:
         if max_seconds is not None and elapsed() >= max_seconds:
@@ -217,10 +217,11 @@ def train_to_budget(trainer: Any, max_seconds: float | None, fixed_steps: bool, 
         t1, s1 = time.perf_counter(), trainer.step
         trainer.fit(steps=min(trainer.step + chunk, trainer.cfg.schedule.steps))
         sec_per_step = (time.perf_counter() - t1) / max(trainer.step - s1, 1)
-        plan(sec_per_step, allow_longer=False)
+        plan(sec_per_step)
     if stopped_early:
         log(f"budget: {max_seconds / 60:.1f} min used up at step {trainer.step}; saving what there is")
         trainer.save()
+    stopped_early = stopped_early or (max_seconds is not None and elapsed() >= max_seconds)
     return {
         "steps": trainer.step,
         "steps_this_run": trainer.step - start_step,
@@ -262,15 +263,15 @@ def heldout_bits_per_byte(trainer: Any, corpus_dir: Path, max_tokens: int, batch
     }
 
 
-def make_trainer(cfg: Any, device: str, log: Log) -> Any:
-    """A Trainer resumed from the newest checkpoint in run.out_dir, if any, with that checkpoint's schedule
-    length (the plan made by the run that wrote it)."""
+def make_trainer(cfg: Any, device: str, log: Log, keep_plan: bool = True) -> Any:
+    """A Trainer resumed from the newest checkpoint in run.out_dir, if any, with (`keep_plan`) that
+    checkpoint's schedule length: the plan made by the run that wrote it."""
     from ternary.training.checkpoint import load_checkpoint
     from ternary.training.trainer import Trainer
 
     trainer = Trainer(cfg, device=device, log=log)
     path = trainer.resume()
-    if path is not None:
+    if path is not None and keep_plan:
         _, state = load_checkpoint(path)
         _set_steps(trainer, int(state["config"]["schedule"]["steps"]))
     return trainer
@@ -336,7 +337,7 @@ def build(
         results[key] = value
         eval_path.write_text(json.dumps(results, indent=1))
 
-    trainer = make_trainer(cfg, device, log)
+    trainer = make_trainer(cfg, device, log, keep_plan=not steps)
     record("train", train_to_budget(trainer, budget, fixed_steps=bool(steps), log=log))
     record("model", dataclasses.asdict(trainer.cfg.model))
     record("n_params", int(sum(int(np.prod(p.shape)) for p in trainer.params.values())))
@@ -354,7 +355,7 @@ def build(
     if reference:
         ref_cfg = cfg.replace({"model.ternary": False, "run.out_dir": str(work / f"train-{name}-float"),
                                "schedule.steps": results["train"]["steps"]})  # fmt: skip
-        ref = make_trainer(ref_cfg, device, log)
+        ref = make_trainer(ref_cfg, device, log, keep_plan=False)
         record("reference_train", train_to_budget(ref, budget, fixed_steps=True, log=log))
         record("reference_heldout_trainer", heldout_bits_per_byte(ref, corpus_dir, eval_max_tokens, 8))
         log(f"held-out float reference (trainer forward): {results['reference_heldout_trainer']}")
