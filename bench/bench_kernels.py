@@ -45,7 +45,7 @@ def _stream_sum(words):
     return total
 
 
-def stream_read_bandwidth(threads: int, nbytes: int = STREAM_BYTES, repeats: int = 5) -> float:
+def stream_read_bandwidth(threads: int, nbytes: int = STREAM_BYTES, repeats: int = 9) -> float:
     """Median GB/s of a parallel sum over an ``nbytes`` array (read-only streaming from DRAM)."""
     words = np.ones(nbytes // 8, dtype=np.uint64)
     with _threads(threads):
