@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ternary.engine import activations, kernels
+from ternary.engine import activations, attention, kernels
 from ternary.engine.kv_cache import KVCache
 from ternary.engine.weights import DenseMatrix, TernaryMatrix, dense_matrix
 from ternary.formats.model_file import ModelFile
@@ -200,13 +200,13 @@ class Transformer:
         record(f"attn_norm-{il}", h)
         hq = self._quantize(h)
         q, k, v = layer.wq(*hq), layer.wk(*hq), layer.wv(*hq)
-        kernels.apply_rope(q, cos, sin, cfg.n_head, hd, cfg.rope_dim, cfg.rope_neox)
-        kernels.apply_rope(k, cos, sin, cfg.n_head_kv, hd, cfg.rope_dim, cfg.rope_neox)
+        attention.apply_rope(q, cos, sin, cfg.n_head, hd, cfg.rope_dim, cfg.rope_neox)
+        attention.apply_rope(k, cos, sin, cfg.n_head_kv, hd, cfg.rope_dim, cfg.rope_neox)
         k_cache, v_cache = self.cache.k[il], self.cache.v[il]
         k_cache[slots, positions] = k.reshape(n_tok, cfg.n_head_kv, hd)
         v_cache[slots, positions] = v.reshape(n_tok, cfg.n_head_kv, hd)
         a = np.empty_like(q)
-        kernels.attention(q, k_cache, v_cache, slots, positions, cfg.n_head, hd, self._kq_scale, a)
+        attention.attention(q, k_cache, v_cache, slots, positions, cfg.n_head, hd, self._kq_scale, a)
         record(f"kqv_out-{il}", a)
         if layer.attn_sub_norm is not None:
             a = rms_norm(a, layer.attn_sub_norm, eps)
