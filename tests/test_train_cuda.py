@@ -21,18 +21,22 @@ import pytest
 pytest.importorskip("numba_cuda", reason="the CUDA backend needs the numba-cuda package")
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-import numba.core.config  # noqa: E402
+try:  # numba (if installed) may have read its environment before this module set the variable
+    import numba.core.config
 
-numba.core.config.reload_config()  # numba may have read its environment before this module set it
+    numba.core.config.reload_config()
+except ImportError:  # numba-cuda alone reads it when numba.cuda is first imported
+    pass
 
 from click.testing import CliRunner  # noqa: E402
 from numba import cuda  # noqa: E402
+from numba.cuda.core import config as cuda_config  # noqa: E402
 from ternary.training import backend as cpu  # noqa: E402
 from ternary.training.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from ternary.training.cli import main as cli_main  # noqa: E402
 from ternary.training.layers import rope_tables  # noqa: E402
 
-SIMULATOR = bool(numba.core.config.ENABLE_CUDASIM)
+SIMULATOR = bool(cuda_config.ENABLE_CUDASIM)
 if not SIMULATOR and not cuda.is_available():
     pytest.skip(
         "numba.cuda was imported without the simulator and there is no GPU (run this module in its own "

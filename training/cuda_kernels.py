@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 from numba import cuda
-from numba.core import config
+from numba.cuda.core import config
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -41,6 +41,8 @@ GEMM_THREADS = GEMM_TX * GEMM_TY
 TM = TBM // GEMM_TY
 TN = TBN // GEMM_TX
 PAD = 4  # shared rows are TBM + PAD long: the transposed stores then hit 32 different banks
+A_COLS = TBM + PAD  # (shared-array shapes must be plain constants)
+B_COLS = TBN + PAD
 A_LOADS = TBM * TBK // GEMM_THREADS
 B_LOADS = TBN * TBK // GEMM_THREADS
 
@@ -566,8 +568,8 @@ def gemm(a, b, c, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c, split
     A is stored [m, k] (trans_a = 0) or [k, m]; B [k, n] (trans_b = 0) or [n, k]; C [m, n].
     grid (ceil(n/TBN), ceil(m/TBM), batch·splits): split s of a batch covers k in [s·k_chunk, (s+1)·k_chunk)
     and, when splits > 1, writes its raw partial product to C[(z·splits + s)] (alpha 1, beta 0 expected)."""
-    a_s = cuda.shared.array((TBK, TBM + PAD), np.float32)
-    b_s = cuda.shared.array((TBK, TBN + PAD), np.float32)
+    a_s = cuda.shared.array((TBK, A_COLS), np.float32)
+    b_s = cuda.shared.array((TBK, B_COLS), np.float32)
     acc = cuda.local.array((TM, TN), np.float32)
     a_reg = cuda.local.array(A_LOADS, np.float32)
     b_reg = cuda.local.array(B_LOADS, np.float32)
