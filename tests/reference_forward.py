@@ -200,11 +200,36 @@ class NearTieFlipper:
 
     def __init__(self, quantizers: Any) -> None:
         self.module = quantizers
-        self.originals = {name: getattr(quantizers, name) for name in self.MODES}
+        names = [*self.MODES, "round_to_f16"]
+        self.originals = {name: getattr(quantizers, name) for name in names}
         self.flips: set[tuple[int, int, int]] = set()
         self.distances: list[np.ndarray] = []
         for name, mode in self.MODES.items():
             setattr(quantizers, name, self._wrap(self.originals[name], mode))
+        quantizers.round_to_f16 = self._wrap_f16(self.originals["round_to_f16"])
+
+    def _wrap_f16(self, round_to_f16: Callable) -> Callable:
+        """The F16 head input is a rounding too: a value next to the midpoint of two float16 neighbours."""
+
+        def wrapped(x: np.ndarray) -> np.ndarray:
+            x16 = round_to_f16(x)
+            v = np.asarray(x, dtype=np.float64)
+            near = np.asarray(x16, dtype=np.float64)
+            toward = np.where(v >= near, np.float16(np.inf), np.float16(-np.inf))
+            other = np.nextafter(near.astype(np.float16), toward).astype(np.float64)  # the other neighbour
+            gap = np.abs(other - near)
+            frac = np.where(gap > 0, np.abs(v - near) / np.where(gap > 0, gap, 1.0), 0.0)
+            call = len(self.distances)
+            # Same units as the int8 quantizers' distances: there one float32 ulp is at most 2**-17 of a step
+            # (values up to 127), here it is 2**-13 of an F16 step, so scale by 2**-4.
+            self.distances.append(np.abs(frac - 0.5) / 16.0)
+            for c, t, j in self.flips:
+                if c == call:
+                    x16 = np.array(x16, copy=True)
+                    x16[t, j] = other[t, j]
+            return x16
+
+        return wrapped
 
     def _wrap(self, quantize: Callable, mode: str) -> Callable:
         def wrapped(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
