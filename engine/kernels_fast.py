@@ -39,6 +39,7 @@ from ternary.engine.simd import (
     ROW_BLOCK_BYTES,
     ROW_GROUP,
     IsaType,
+    prefetch_bytes,
     single_token,
     tile_acc_dot,
     tile_acc_zero,
@@ -49,6 +50,9 @@ from ternary.engine.simd import (
 )
 
 GROUP_BLOCK_BYTES = ROW_GROUP * ROW_BLOCK_BYTES  # one block of one row group: 4 rows × 64 bytes
+# Software prefetch this far ahead of the weight stream (measured on Zen: 1 thread GEMV from DRAM goes from
+# ~65% of the streaming bandwidth without prefetch to ~95% at 8 KiB; 4–32 KiB are all within a few %).
+PREFETCH_BYTES = 8192
 # Prefill: a thread keeps this many bytes of weights hot in L2 while every token tile passes over them.
 GEMM_CHUNK_BYTES = 96 * 1024
 
@@ -213,32 +217,25 @@ def _tile_outputs(
     if group_uniform[g] != 0 and n_cols == 1:
         acc = acc_zero(isa)
         for b in range(n_blocks):
-            acc = acc_dot(isa, acc, packed, group_offset + b * GROUP_BLOCK_BYTES, x, t0 * k + b * BLOCK, k)
+            offset = group_offset + b * GROUP_BLOCK_BYTES
+            prefetch_bytes(packed, offset + PREFETCH_BYTES, GROUP_BLOCK_BYTES)
+            acc = acc_dot(isa, acc, packed, offset, x, t0 * k + b * BLOCK, k)
         facc = facc_add(isa, facc, acc, row_scales, n0, x_scale, t0, 1, token_sums, t0, 1)
     else:
         blocks_per_col = n_blocks // n_cols
         for b in range(n_blocks):
-            acc = acc_dot(
-                isa, acc_zero(isa), packed, group_offset + b * GROUP_BLOCK_BYTES, x, t0 * k + b * BLOCK, k
-            )
+            offset = group_offset + b * GROUP_BLOCK_BYTES
+            prefetch_bytes(packed, offset + PREFETCH_BYTES, GROUP_BLOCK_BYTES)
+            acc = acc_dot(isa, acc_zero(isa), packed, offset, x, t0 * k + b * BLOCK, k)
             xs_offset = t0 * n_cols + b // blocks_per_col
             xsum_offset = t0 * n_blocks + b
             # (two calls, not one with the array chosen in a variable: reassigning an array variable in the
             # loop costs a reference-count call per block and spills the accumulators around it)
             if group_uniform[g] != 0:
                 facc = facc_add(
-                    isa,
-                    facc,
-                    acc,
-                    row_scales,
-                    n0,
-                    x_scale,
-                    xs_offset,
-                    n_cols,
-                    block_sums,
-                    xsum_offset,
-                    n_blocks,
-                )
+                    isa, facc, acc, row_scales, n0, x_scale, xs_offset, n_cols,
+                    block_sums, xsum_offset, n_blocks,
+                )  # fmt: skip
             else:
                 facc = facc_add(
                     isa, facc, acc, group_scales, (g * n_blocks + b) * ROW_GROUP, x_scale, xs_offset, n_cols,

@@ -458,3 +458,30 @@ def tile_facc_values(typingctx, facc):
         return context.make_tuple(builder, ret, values)
 
     return ret(facc), codegen
+
+
+@intrinsic
+def prefetch_bytes(typingctx, arr, offset, nbytes):
+    """Hint to bring ``arr[offset : offset + nbytes]`` into L1 (``nbytes`` a compile-time constant).
+
+    The hardware prefetcher alone keeps a one-thread GEMV at ~65% of the streaming bandwidth: the kernel
+    consumes each line too slowly for it to run far enough ahead. Prefetches never fault, so reaching past
+    the end of ``arr`` is harmless.
+    """
+    if not isinstance(arr, types.Array) or not isinstance(nbytes, types.IntegerLiteral):
+        return None
+    count = nbytes.literal_value
+
+    def codegen(context, builder, sig, args):
+        base = _data_ptr(context, builder, sig.args[0], args[0])
+        i8p = ir.PointerType(_I8)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0"
+        )
+        read, to_l1, data = ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)
+        for line in range(0, count, 64):
+            index = builder.add(args[1], ir.Constant(args[1].type, line))
+            builder.call(fn, [builder.bitcast(builder.gep(base, [index]), i8p), read, to_l1, data])
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, nbytes), codegen
