@@ -1,7 +1,7 @@
 """Tokens per second of the trainer's step (forward, backward, gradient clipping, optimizer update).
 
     python bench/train_speed.py --device cuda --n-embd 512 --n-layer 6 --seq 512 --batch 16
-    python bench/train_speed.py --device cuda --profile      # + time per op (each op synchronised)
+    python bench/train_speed.py --device cuda --profile      # + host and GPU time per op
     python bench/train_speed.py --device cuda --gemm         # + the GEMM kernel alone, in TFLOP/s
 
 Synthetic uniform tokens (speed does not depend on the data). Prints one JSON line; bench/
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="also time each op (synchronising after each)")
+    p.add_argument("--profile", action="store_true", help="also time each op (host and GPU time)")
     p.add_argument("--gemm", action="store_true", help="also time the GEMM kernel alone")
     return p.parse_args(argv)
 
@@ -65,26 +65,65 @@ def synchronizer(device: str) -> Callable[[], None]:
     return lambda: None
 
 
-def timed_ops(xp: types.ModuleType, sync: Callable[[], None], totals: collections.Counter) -> Any:
-    """A stand-in for the backend whose every op synchronises and adds its wall time to `totals`."""
-    ns = types.SimpleNamespace()
-    for name in backend.OPS:
-        op = getattr(xp, name)
+class OpTimer:
+    """A stand-in for the backend that times every op while `active`: host time of the call (launch cost,
+    plus any sync inside the op) and, on CUDA, GPU time between events recorded around it."""
 
-        def wrapped(*a: Any, _op: Any = op, _name: str = name, **k: Any) -> Any:
-            sync()
+    def __init__(self, xp: types.ModuleType, device: str):
+        self.active = False
+        self.host: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+        self.events: list[tuple[str, Any, Any]] = []
+        self._cuda = None
+        if device == "cuda":
+            from numba import cuda
+
+            self._cuda = cuda
+        for name in backend.OPS:
+            setattr(self, name, self._timed(name, getattr(xp, name)))
+
+    def _timed(self, name: str, op: Callable) -> Callable:
+        def call(*a: Any, **k: Any) -> Any:
+            if not self.active:
+                return op(*a, **k)
+            start = end = None
+            if self._cuda is not None:
+                start = self._cuda.event()
+                start.record()
             t0 = time.perf_counter()
-            out = _op(*a, **k)
-            sync()
-            totals[_name] += time.perf_counter() - t0
+            out = op(*a, **k)
+            self.host[name] += time.perf_counter() - t0
+            self.calls[name] += 1
+            if self._cuda is not None:
+                end = self._cuda.event()
+                end.record()
+                self.events.append((name, start, end))
             return out
 
-        setattr(ns, name, wrapped)
-    return ns
+        return call
+
+    def report(self, steps: int) -> dict[str, dict[str, float]]:
+        """Per op and step: calls, host ms and GPU ms, largest GPU (or host) time first."""
+        gpu: collections.Counter = collections.Counter()
+        for name, start, end in self.events:
+            end.synchronize()
+            gpu[name] += self._cuda.event_elapsed_time(start, end) / 1000
+        order = gpu if gpu else self.host
+        return {
+            name: {
+                "calls": self.calls[name] // steps,
+                "host_ms": round(1000 * self.host[name] / steps, 2),
+                "gpu_ms": round(1000 * gpu[name] / steps, 2),
+            }
+            for name, _ in order.most_common()
+        }
 
 
-def run(args: argparse.Namespace, xp: Any, sync: Callable[[], None]) -> tuple[float, float]:
-    """(tokens per second, mean loss of the timed steps) over `args.steps` steps after the warm-up."""
+def run(
+    args: argparse.Namespace, xp: Any, sync: Callable[[], None], on_timed: Callable[[], None] | None = None
+) -> tuple[float, float]:
+    """(tokens per second, mean loss of the timed steps) over `args.steps` steps after the warm-up;
+    `on_timed` is called when the timed steps begin."""
     shape = model_shape(args)
     rng = np.random.default_rng(0)
     model = Transformer(shape, xp)
@@ -97,6 +136,8 @@ def run(args: argparse.Namespace, xp: Any, sync: Callable[[], None]) -> tuple[fl
     for i, batch in enumerate(tokens):
         if i == args.warmup:
             sync()
+            if on_timed is not None:
+                on_timed()
             t0 = time.perf_counter()
         stats, grads = model.loss_and_grads(params, batch[:, :-1], batch[:, 1:], 1.0 / n_tok)
         clip_grad_norm_(xp, grads, 1.0)
@@ -150,13 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.gemm:
         report["gemm_tflops"] = gemm_report(xp, sync, args)
     if args.profile:
-        totals: collections.Counter = collections.Counter()
+        timer = OpTimer(xp, args.device)
         profile_args = argparse.Namespace(**{**vars(args), "steps": 2, "warmup": 1})
-        run(profile_args, timed_ops(xp, sync, totals), sync)
-        total = sum(totals.values())
-        report["profile_ms_per_step"] = {
-            name: round(1000 * t / 3, 2) for name, t in totals.most_common() if t / total > 0.002
-        }
+
+        def start() -> None:
+            timer.active = True
+
+        run(profile_args, timer, sync, on_timed=start)
+        report["profile_per_step"] = timer.report(profile_args.steps)
     print(json.dumps(report))
 
 

@@ -100,6 +100,19 @@ def test_memory_ops_round_trip_and_reject_float64():
         gpu.asarray(np.zeros(3, np.float64))
 
 
+@gpu_only
+def test_memory_pool_keeps_a_block_while_a_view_lives_and_reuses_it_after():
+    a = gpu.asarray(np.arange(1000, dtype=np.float32))
+    view = a.reshape(10, 100)
+    del a
+    other = gpu.zeros((1000,))  # same size: must get another block while `view` still uses the first
+    np.testing.assert_array_equal(host(view).reshape(-1), np.arange(1000, dtype=np.float32))
+    address = view.device_ctypes_pointer.value
+    del view
+    assert gpu.zeros((1000,)).device_ctypes_pointer.value == address
+    assert other.device_ctypes_pointer.value != address
+
+
 # -------------------------------------------------------------------------------------------------- GEMM
 
 

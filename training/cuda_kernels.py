@@ -29,8 +29,10 @@ ROW_BLOCK = 8 if SIMULATOR else 256  # a power of two
 N_PARTIALS = 8 if SIMULATOR else 512  # most blocks of a two-pass reduction
 MAX_EW_BLOCKS = 2 if SIMULATOR else 8192  # grid-stride loops cover larger arrays
 
-# GEMM tiling: a block computes a TBM x TBN tile of C with GEMM_THREADS threads, each TM x TN outputs
-# strided by GEMM_TY (rows) / GEMM_TX (columns), so shared-memory reads are conflict-free.
+# GEMM tiling: a block computes a TBM x TBN tile of C with GEMM_THREADS threads, each TM x TN outputs.
+# Shared tiles hold pairs of adjacent rows (A) / columns (B) as complex64, so one 8-byte shared load feeds two
+# FMAs columns: a thread owns row pairs GEMM_TY·i + ty and column pairs GEMM_TX·j + tx, which makes every
+# warp's fragment loads conflict-free 128-byte lines (B) or broadcasts (A).
 # (The simulator runs one Python thread per GPU thread: it gets 16x16 tiles of 16 threads.)
 TBM = 16 if SIMULATOR else 128
 TBN = TBM
@@ -38,13 +40,15 @@ TBK = 8
 GEMM_TX = 4 if SIMULATOR else 16
 GEMM_TY = GEMM_TX
 GEMM_THREADS = GEMM_TX * GEMM_TY
-TM = TBM // GEMM_TY
+TM = TBM // GEMM_TY  # outputs per thread: TM/2 row pairs x TN/2 column pairs
 TN = TBN // GEMM_TX
-PAD = 4  # shared rows are TBM + PAD long: the transposed stores then hit 32 different banks
-A_COLS = TBM + PAD  # (shared-array shapes must be plain constants)
-B_COLS = TBN + PAD
-A_LOADS = TBM * TBK // GEMM_THREADS
-B_LOADS = TBN * TBK // GEMM_THREADS
+PAIR_PAD = 2  # shared rows are TBM/2 + 2 pairs long: the strided pair stores then hit distinct banks
+A_PAIRS = TBM // 2 + PAIR_PAD
+B_PAIRS = TBN // 2 + PAIR_PAD
+A_SIZE = TBK * A_PAIRS  # (shared-array shapes must be plain constants)
+B_SIZE = TBK * B_PAIRS
+A_LOADS = TBM // 2 * TBK // GEMM_THREADS  # pairs per thread per tile
+B_LOADS = TBN // 2 * TBK // GEMM_THREADS
 
 ACT_SILU = 0
 ACT_RELU2 = 1
@@ -561,18 +565,42 @@ def muon_apply(p, update, update_scale, lr, decay):
 # ------------------------------------------------------------------------------------------------- GEMM
 
 
+@cuda.jit(device=True, inline="always")
+def _gemm_pair(x, offset, row, col, rows, cols, ld, k_end, transposed):
+    """Elements (row, col) and (row + 1, col) of op(X), zero outside [rows, k_end): two loads of X stored
+    [rows, ·] (transposed = 0) or [·, rows] (transposed = 1, then the pair is adjacent in memory)."""
+    v0 = np.float32(0.0)
+    v1 = np.float32(0.0)
+    if col < k_end:
+        if row < rows:
+            v0 = x[np.uint64(offset + (col * ld + row if transposed else row * ld + col))]
+        if row + 1 < rows:
+            v1 = x[np.uint64(offset + (col * ld + row + 1 if transposed else (row + 1) * ld + col))]
+    return complex(v0, v1)
+
+
+@cuda.jit(device=True, inline="always")
+def _gemm_pair_index(q, transposed):
+    """(k within the tile, pair index) of the q-th pair a block loads; consecutive q run along the
+    contiguous direction of the stored matrix (pairs when transposed, k otherwise)."""
+    if transposed:
+        return q // (TBM // 2), q % (TBM // 2)
+    return q % TBK, q // TBK
+
+
 @cuda.jit(cache=True)
 def gemm(a, b, c, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c, splits, k_chunk, alpha, beta):
     """C = alpha·op(A)·op(B) + beta·C for each batch z; flat float32 arrays, op(A) [m, k], op(B) [k, n].
 
     A is stored [m, k] (trans_a = 0) or [k, m]; B [k, n] (trans_b = 0) or [n, k]; C [m, n].
     grid (ceil(n/TBN), ceil(m/TBM), batch·splits): split s of a batch covers k in [s·k_chunk, (s+1)·k_chunk)
-    and, when splits > 1, writes its raw partial product to C[(z·splits + s)] (alpha 1, beta 0 expected)."""
-    a_s = cuda.shared.array((TBK, A_COLS), np.float32)
-    b_s = cuda.shared.array((TBK, B_COLS), np.float32)
+    and, when splits > 1, writes its raw partial product to C[(z·splits + s)] (alpha 1, beta 0 expected).
+    Every tile's global loads go to registers first, so the next tile loads while this one multiplies."""
+    a_s = cuda.shared.array(A_SIZE, np.complex64, alignment=16)  # [TBK, A_PAIRS] row pairs of op(A)
+    b_s = cuda.shared.array(B_SIZE, np.complex64, alignment=16)  # [TBK, B_PAIRS] column pairs of op(B)
     acc = cuda.local.array((TM, TN), np.float32)
-    a_reg = cuda.local.array(A_LOADS, np.float32)
-    b_reg = cuda.local.array(B_LOADS, np.float32)
+    a_reg = cuda.local.array(A_LOADS, np.complex64)
+    b_reg = cuda.local.array(B_LOADS, np.complex64)
     a_frag = cuda.local.array(TM, np.float32)
     b_frag = cuda.local.array(TN, np.float32)
 
@@ -591,104 +619,61 @@ def gemm(a, b, c, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c, split
     k_end = min(k_begin + k_chunk, k)
     lda = m if trans_a else k
     ldb = k if trans_b else n
+    ta_pairs = 1 if trans_a else 0  # A's row pairs are adjacent in memory when A is stored [k, m]
+    tb_pairs = 0 if trans_b else 1  # B's column pairs are adjacent when B is stored [k, n]
 
     for i in range(TM):
         for j in range(TN):
             acc[i, j] = 0.0
 
-    # global -> registers for the tile at k_begin
     for r in range(A_LOADS):
-        idx = tid + r * GEMM_THREADS
-        if trans_a:
-            ii = idx % TBM
-            kk = idx // TBM
-        else:
-            kk = idx % TBK
-            ii = idx // TBK
-        gi = m0 + ii
-        gk = k_begin + kk
-        v = np.float32(0.0)
-        if gi < m and gk < k_end:
-            v = a[a_off + (gk * lda + gi if trans_a else gi * lda + gk)]
-        a_reg[r] = v
+        kk, p = _gemm_pair_index(tid + r * GEMM_THREADS, ta_pairs)
+        a_reg[r] = _gemm_pair(a, a_off, m0 + 2 * p, k_begin + kk, m, k, lda, k_end, ta_pairs)
     for r in range(B_LOADS):
-        idx = tid + r * GEMM_THREADS
-        if trans_b:
-            kk = idx % TBK
-            jj = idx // TBK
-        else:
-            jj = idx % TBN
-            kk = idx // TBN
-        gj = n0 + jj
-        gk = k_begin + kk
-        v = np.float32(0.0)
-        if gj < n and gk < k_end:
-            v = b[b_off + (gj * ldb + gk if trans_b else gk * ldb + gj)]
-        b_reg[r] = v
+        kk, p = _gemm_pair_index(tid + r * GEMM_THREADS, tb_pairs)
+        b_reg[r] = _gemm_pair(b, b_off, n0 + 2 * p, k_begin + kk, n, k, ldb, k_end, tb_pairs)
 
     for k0 in range(k_begin, k_end, TBK):
-        # registers -> shared
         for r in range(A_LOADS):
-            idx = tid + r * GEMM_THREADS
-            if trans_a:
-                a_s[idx // TBM, idx % TBM] = a_reg[r]
-            else:
-                a_s[idx % TBK, idx // TBK] = a_reg[r]
+            kk, p = _gemm_pair_index(tid + r * GEMM_THREADS, ta_pairs)
+            a_s[kk * A_PAIRS + p] = a_reg[r]
         for r in range(B_LOADS):
-            idx = tid + r * GEMM_THREADS
-            if trans_b:
-                b_s[idx % TBK, idx // TBK] = b_reg[r]
-            else:
-                b_s[idx // TBN, idx % TBN] = b_reg[r]
+            kk, p = _gemm_pair_index(tid + r * GEMM_THREADS, tb_pairs)
+            b_s[kk * B_PAIRS + p] = b_reg[r]
         cuda.syncthreads()
-        # prefetch the next tile while this one is multiplied
         k1 = k0 + TBK
-        if k1 < k_end:
+        if k1 < k_end:  # prefetch the next tile while this one is multiplied
             for r in range(A_LOADS):
-                idx = tid + r * GEMM_THREADS
-                if trans_a:
-                    ii = idx % TBM
-                    kk = idx // TBM
-                else:
-                    kk = idx % TBK
-                    ii = idx // TBK
-                gi = m0 + ii
-                gk = k1 + kk
-                v = np.float32(0.0)
-                if gi < m and gk < k_end:
-                    v = a[a_off + (gk * lda + gi if trans_a else gi * lda + gk)]
-                a_reg[r] = v
+                kk, p = _gemm_pair_index(tid + r * GEMM_THREADS, ta_pairs)
+                a_reg[r] = _gemm_pair(a, a_off, m0 + 2 * p, k1 + kk, m, k, lda, k_end, ta_pairs)
             for r in range(B_LOADS):
-                idx = tid + r * GEMM_THREADS
-                if trans_b:
-                    kk = idx % TBK
-                    jj = idx // TBK
-                else:
-                    jj = idx % TBN
-                    kk = idx // TBN
-                gj = n0 + jj
-                gk = k1 + kk
-                v = np.float32(0.0)
-                if gj < n and gk < k_end:
-                    v = b[b_off + (gj * ldb + gk if trans_b else gk * ldb + gj)]
-                b_reg[r] = v
-        for kk in range(TBK):
-            for i in range(TM):
-                a_frag[i] = a_s[kk, ty + i * GEMM_TY]
-            for j in range(TN):
-                b_frag[j] = b_s[kk, tx + j * GEMM_TX]
+                kk, p = _gemm_pair_index(tid + r * GEMM_THREADS, tb_pairs)
+                b_reg[r] = _gemm_pair(b, b_off, n0 + 2 * p, k1 + kk, n, k, ldb, k_end, tb_pairs)
+        kk = 0
+        while kk < TBK:  # (a while loop and unsigned indices keep the address arithmetic out of this loop)
+            a_row = np.uint64(kk * A_PAIRS + ty)
+            b_row = np.uint64(kk * B_PAIRS + tx)
+            for i in range(TM // 2):
+                pair = a_s[a_row + np.uint64(i * GEMM_TY)]
+                a_frag[2 * i] = pair.real
+                a_frag[2 * i + 1] = pair.imag
+            for j in range(TN // 2):
+                pair = b_s[b_row + np.uint64(j * GEMM_TX)]
+                b_frag[2 * j] = pair.real
+                b_frag[2 * j + 1] = pair.imag
             for i in range(TM):
                 for j in range(TN):
                     acc[i, j] += a_frag[i] * b_frag[j]
+            kk += 1
         cuda.syncthreads()
 
     for i in range(TM):
-        gi = m0 + ty + i * GEMM_TY
+        gi = m0 + 2 * (ty + (i // 2) * GEMM_TY) + i % 2
         if gi < m:
             for j in range(TN):
-                gj = n0 + tx + j * GEMM_TX
+                gj = n0 + 2 * (tx + (j // 2) * GEMM_TX) + j % 2
                 if gj < n:
-                    at = c_off + gi * n + gj
+                    at = np.uint64(c_off + gi * n + gj)
                     if beta != 0:
                         c[at] = alpha * acc[i, j] + beta * c[at]
                     else:

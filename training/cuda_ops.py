@@ -38,13 +38,18 @@ if not K.SIMULATOR:
     class _PoolMemoryManager(_driver.NumbaCUDAMemoryManager):
         """numba's memory manager with a free list per (rounded) size: a released block is handed to the next
         request of its size instead of going back to the driver. Safe because every kernel and copy runs on
-        the one default stream, in order."""
+        the one default stream, in order.
+
+        As in numba's own manager, the block's AutoFreePointer stays referenced here and callers get owned
+        references to it (`.own()`); views (reshapes) add references, and the block returns to the pool when
+        the last one is gone."""
 
         GRANULE = 512
 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self._free: dict[int, list] = defaultdict(list)
+            self._live: dict[int, Any] = {}
 
         def memalloc(self, size: int):
             size = max(self.GRANULE, -(-size // self.GRANULE) * self.GRANULE)
@@ -57,9 +62,12 @@ if not K.SIMULATOR:
                 except _driver.CudaAPIError:
                     self.release_cached()
                     ptr = _driver.driver.cuMemAlloc(size)
-            return _driver.AutoFreePointer(
-                weakref.proxy(self.context), ptr, size, finalizer=_return_to(bucket, ptr)
+            key = int(ptr)
+            mem = _driver.AutoFreePointer(
+                weakref.proxy(self.context), ptr, size, finalizer=_back_to_pool(self._live, key, bucket, ptr)
             )
+            self._live[key] = mem
+            return mem.own()
 
         def release_cached(self) -> None:
             """Give every cached (free) block back to the driver."""
@@ -70,10 +78,12 @@ if not K.SIMULATOR:
 
         def reset(self) -> None:
             self._free.clear()
+            self._live.clear()
             super().reset()
 
-    def _return_to(bucket: list, ptr: Any):
+    def _back_to_pool(live: dict, key: int, bucket: list, ptr: Any):
         def finalizer() -> None:
+            live.pop(key, None)
             bucket.append(ptr)
 
         return finalizer
@@ -128,7 +138,8 @@ _SM_COUNT = 1 if K.SIMULATOR else int(cuda.get_current_device().MULTIPROCESSOR_C
 def _install_thread_safe_shared_arrays() -> None:
     """The simulator keeps one array per `cuda.shared.array` source line and block, created by whichever of
     the block's threads gets there first, without a lock: two threads can each create their own, and a block
-    reduction then reads garbage now and then. Make creating the array atomic."""
+    reduction then reads garbage now and then. Make creating the array atomic (and accept `alignment`:
+    NumPy's allocations are aligned enough for anything the kernels ask)."""
     import sys
     import threading
 
@@ -140,8 +151,8 @@ def _install_thread_safe_shared_arrays() -> None:
     lock = threading.Lock()
 
     def array(self: Any, shape: Any, dtype: Any, alignment: Any = None) -> np.ndarray:
-        if shape == 0 or alignment is not None:  # dynamic shared memory or an error: not ours to change
-            return unlocked(self, shape, dtype, alignment)
+        if shape == 0:  # dynamic shared memory: not ours to change
+            return unlocked(self, shape, dtype)
         if isinstance(dtype, cuda_types.Type):
             dtype = numpy_support.as_dtype(dtype)
         caller = sys._getframe(1)
@@ -369,9 +380,9 @@ def rmsnorm_backward(dy: Array, x: Array, w: Array, rstd: Array) -> tuple[Array,
     """(dx, dw) of `rmsnorm`; dw sums over every leading axis (per-chunk partials, then a fixed-order sum)."""
     n_rows, width = _rows(x)
     dx = _empty(tuple(x.shape))
-    dw = zeros((width,))
     if n_rows == 0:
-        return dx, dw
+        return dx, zeros((width,))
+    dw = _empty((width,))
     K.rmsnorm_backward_dx[n_rows, K.ROW_BLOCK](_flat(dy), _flat(x), w, _flat(rstd), _flat(dx), width)
     rows_per_chunk = max(16, _ceil_div(n_rows, 64))
     n_chunks = _ceil_div(n_rows, rows_per_chunk)
