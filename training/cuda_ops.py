@@ -218,10 +218,12 @@ def copy(a: Array) -> Array:
 
 
 def _choose_splits(tiles: int, k: int) -> int:
-    """Split K when the output has too few tiles to fill the GPU (weight gradients: K = tokens)."""
-    if tiles >= _SM_COUNT or k < 1024:
+    """Split K when the output has too few tiles to fill the GPU (weight gradients, where K is the token
+    count; Newton–Schulz products of small matrices): about one wave of two blocks per multiprocessor,
+    each split at least 128 deep."""
+    if tiles >= _SM_COUNT or k < 256:
         return 1
-    return max(1, min(_ceil_div(2 * _SM_COUNT, tiles), k // 512))
+    return max(1, min(2 * _SM_COUNT // tiles, k // 128))
 
 
 def _gemm(
