@@ -381,7 +381,7 @@ def test_training_is_bitwise_reproducible_on_gpu(tmp_path):
     from ternary.training.config import load_config
     from ternary.training.trainer import Trainer
 
-    cfg = load_config(train_config(tmp_path, "cuda", seq=64, n_embd=128))
+    cfg = load_config(train_config(tmp_path, "cuda", seq=64, n_embd=128)).replace({"schedule.steps": 3})
     runs = []
     for _ in range(2):
         trainer = Trainer(cfg, device="cuda", log=lambda msg: None)

@@ -589,8 +589,9 @@ def _gemm_pair_index(q, transposed):
 
 
 @cuda.jit(cache=True)
-def gemm(a, b, c, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c, splits, k_chunk, alpha, beta):
-    """C = alpha·op(A)·op(B) + beta·C for each batch z; flat float32 arrays, op(A) [m, k], op(B) [k, n].
+def gemm(a, b, c, d, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c, splits, k_chunk, alpha, beta):
+    """C = alpha·op(A)·op(B) + beta·D for each batch z; flat float32 arrays, op(A) [m, k], op(B) [k, n],
+    D laid out like C (D may be C itself; it is not read when beta = 0).
 
     A is stored [m, k] (trans_a = 0) or [k, m]; B [k, n] (trans_b = 0) or [n, k]; C [m, n].
     grid (ceil(n/TBN), ceil(m/TBM), batch·splits): split s of a batch covers k in [s·k_chunk, (s+1)·k_chunk)
@@ -675,14 +676,14 @@ def gemm(a, b, c, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c, split
                 if gj < n:
                     at = np.uint64(c_off + gi * n + gj)
                     if beta != 0:
-                        c[at] = alpha * acc[i, j] + beta * c[at]
+                        c[at] = alpha * acc[i, j] + beta * d[at]
                     else:
                         c[at] = alpha * acc[i, j]
 
 
 @cuda.jit(cache=True)
-def splitk_reduce(partials, c, mn, splits, alpha, beta):
-    """C[z] = alpha·Σ_s partials[z, s] + beta·C[z] (s in order); grid over batch·mn elements."""
+def splitk_reduce(partials, c, d, mn, splits, alpha, beta):
+    """C[z] = alpha·Σ_s partials[z, s] + beta·D[z] (s in order); grid over batch·mn elements."""
     for i in range(cuda.grid(1), c.size, cuda.gridsize(1)):
         z = i // mn
         e = i % mn
@@ -691,6 +692,6 @@ def splitk_reduce(partials, c, mn, splits, alpha, beta):
         for s in range(1, splits):
             acc += partials[base + s * mn]
         if beta != 0:
-            c[i] = alpha * acc + beta * c[i]
+            c[i] = alpha * acc + beta * d[i]
         else:
             c[i] = alpha * acc

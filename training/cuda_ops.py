@@ -241,14 +241,18 @@ def _gemm(
     alpha: float = 1.0,
     beta: float = 0.0,
     splits: int | None = None,
+    addend: Array | None = None,
 ) -> None:
-    """c[z] = alpha·op(a[z])·op(b[z]) + beta·c[z] for z < batch (c's batches are contiguous [m, n])."""
+    """c[z] = alpha·op(a[z])·op(b[z]) + beta·d[z] for z < batch, d = `addend` (shaped like c) or c itself
+    (c's batches are contiguous [m, n])."""
     if m == 0 or n == 0:
         return
     if k == 0:  # an empty sum
         if beta == 0:
             K.fill[_ew_grid(c.size), K.EW_BLOCK](_flat(c), np.float32(0))
         else:
+            if addend is not None:
+                c.copy_to_device(addend)
             scale_(c, beta)
         return
     tiles_m, tiles_n = _ceil_div(m, K.TBM), _ceil_div(n, K.TBN)
@@ -258,19 +262,20 @@ def _gemm(
     splits = _ceil_div(k, k_chunk)
     ta, tb = int(trans_a), int(trans_b)
     af, bf, cf = _flat(a), _flat(b), _flat(c)
+    df = cf if addend is None else _flat(addend)
     if splits == 1:
         K.gemm[(tiles_n, tiles_m, batch), K.GEMM_THREADS](
-            af, bf, cf, m, n, k, ta, tb, stride_a, stride_b, m * n, 1, k_chunk,
+            af, bf, cf, df, m, n, k, ta, tb, stride_a, stride_b, m * n, 1, k_chunk,
             np.float32(alpha), np.float32(beta),
         )  # fmt: skip
         return
     work = _empty(batch * splits * m * n)
     K.gemm[(tiles_n, tiles_m, batch * splits), K.GEMM_THREADS](
-        af, bf, work, m, n, k, ta, tb, stride_a, stride_b, m * n, splits, k_chunk,
+        af, bf, work, work, m, n, k, ta, tb, stride_a, stride_b, m * n, splits, k_chunk,
         np.float32(1), np.float32(0),
     )  # fmt: skip
     K.splitk_reduce[_ew_grid(batch * m * n), K.EW_BLOCK](
-        work, cf, m * n, splits, np.float32(alpha), np.float32(beta)
+        work, cf, df, m * n, splits, np.float32(alpha), np.float32(beta)
     )
 
 
@@ -632,7 +637,7 @@ def newton_schulz5(g: Array, steps: int) -> Array:
     """Approximate orthogonalisation U·V^T of g = U·S·V^T by the quintic Newton–Schulz iteration (Muon).
 
     X ← X/‖X‖_F, then `steps` times X ← aX + (bA + cA²)X with A = XX^T, on the wide orientation; the
-    polynomial is two GEMMs with beta (C = c·A·A + b·A, then X' = 1·(…)·X + a·X)."""
+    polynomial is two GEMMs with an addend (P = c·A·A + b·A, then X' = P·X + a·X)."""
     _check_float(g)
     a_coef, b_coef, c_coef = NS5_COEFFS
     tall = g.shape[0] > g.shape[1]
@@ -643,10 +648,10 @@ def newton_schulz5(g: Array, steps: int) -> Array:
     for _ in range(steps):
         gram = _empty((rows, rows))
         _gemm(x, x, gram, rows, rows, cols, trans_b=True)
-        poly = copy(gram)
-        _gemm(gram, gram, poly, rows, rows, rows, alpha=c_coef, beta=b_coef)
-        x_next = copy(x)
-        _gemm(poly, x, x_next, rows, cols, rows, alpha=1.0, beta=a_coef)
+        poly = _empty((rows, rows))
+        _gemm(gram, gram, poly, rows, rows, rows, alpha=c_coef, beta=b_coef, addend=gram)
+        x_next = _empty((rows, cols))
+        _gemm(poly, x, x_next, rows, cols, rows, alpha=1.0, beta=a_coef, addend=x)
         x = x_next
     return _transpose(x) if tall else x
 
