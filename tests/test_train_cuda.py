@@ -311,6 +311,33 @@ def test_newton_schulz_and_muon(shape, nesterov):
     assert_close(host(dbuf), buf)
 
 
+def test_queued_muon_updates_match_one_at_a_time_and_keep_program_order():
+    """muon_ only queues; the queue runs as one batched Newton–Schulz per shape before the next op. Mixed
+    shapes (wide, tall, twice the same), an unrelated AdamW update in between, and an AdamW update of a
+    queued weight (which must see the Muon update first) all match the NumPy backend's sequence."""
+    shapes = [(4, 7), (7, 4), (4, 7), (5, 5)]
+    ws = [(randn(*s), randn(*s), randn(*s)) for s in shapes]
+    dev_ws = [tuple(dev(a) for a in w) for w in ws]
+    other = [randn(3, 3), randn(3, 3), randn(3, 3), np.abs(randn(3, 3))]
+    dev_other = [dev(a) for a in other]
+    m, v = randn(*shapes[0]), np.abs(randn(*shapes[0]))  # AdamW state for the first weight
+    dm, dv = dev(m), dev(v)
+    for i, ((p, g, buf), (dp, dg, dbuf)) in enumerate(zip(ws, dev_ws, strict=True)):
+        cpu.muon_(p, g, buf, 0.02, 0.95, True, 0.1, 2)
+        gpu.muon_(dp, dg, dbuf, 0.02, 0.95, True, 0.1, 2)
+        if i == 1:
+            cpu.adamw_(*other, 0.01, 0.9, 0.95, 1e-8, 0.1, 1)
+            gpu.adamw_(*dev_other, 0.01, 0.9, 0.95, 1e-8, 0.1, 1)
+    p, g, _ = ws[0]
+    assert gpu._PENDING_MUON  # still queued: the unrelated AdamW update did not need them
+    cpu.adamw_(p, g, m, v, 0.01, 0.9, 0.95, 1e-8, 0.1, 1)
+    gpu.adamw_(dev_ws[0][0], dev_ws[0][1], dm, dv, 0.01, 0.9, 0.95, 1e-8, 0.1, 1)
+    for (p, _, buf), (dp, _, dbuf) in zip(ws, dev_ws, strict=True):
+        assert_close(host(dp), p, rtol=1e-5, atol=1e-6)
+        assert_close(host(dbuf), buf)
+    assert_close(host(dev_other[0]), other[0])
+
+
 # ------------------------------------------------------------------------------- the whole training step
 
 

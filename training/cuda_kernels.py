@@ -91,12 +91,12 @@ def _block_max(buf, v):
 
 
 @cuda.jit(device=True)
-def _sum_partials(buf64, partials, n):
-    """Σ partials[:n] (float64, n ≤ ROW_BLOCK·k) in a fixed order, on every thread of the block."""
+def _sum_partials(buf64, partials, start, n):
+    """Σ partials[start : start + n] (float64) in a fixed order, on every thread of the block."""
     t = cuda.threadIdx.x
     acc = 0.0
     for i in range(t, n, ROW_BLOCK):
-        acc += partials[i]
+        acc += partials[start + i]
     return _block_sum(buf64, acc)
 
 
@@ -273,7 +273,7 @@ def max_abs_partial(a, partials):
 def ternary_apply(w, partials, n_partials, eps, out):
     """out = clip(round(w/γ), −1, 1)·γ with γ = Σ|w|/n + eps from `abs_sum_partial`'s partials."""
     buf = cuda.shared.array(ROW_BLOCK, np.float64)
-    total = _sum_partials(buf, partials, n_partials)
+    total = _sum_partials(buf, partials, 0, n_partials)
     gamma = np.float32(total / w.size + eps)
     for i in range(cuda.grid(1), w.size, cuda.gridsize(1)):
         q = _rint(w[i] / gamma)
@@ -281,13 +281,31 @@ def ternary_apply(w, partials, n_partials, eps, out):
 
 
 @cuda.jit(cache=True)
-def scale_by_inverse_norm(x, partials, n_partials, eps):
-    """x /= sqrt(Σ x²) + eps, Σ x² from `sum_squares_partial`'s partials (Newton–Schulz normalisation)."""
+def batched_sum_squares_partial(x, partials, per):
+    """partials[z, block] = Σ x[z]² (float64) over a grid-stride share of matrix z (x holds matrices of `per`
+    elements back to back); grid (blocks per matrix, matrices)."""
     buf = cuda.shared.array(ROW_BLOCK, np.float64)
-    total = _sum_partials(buf, partials, n_partials)
+    base = cuda.blockIdx.y * per
+    acc = 0.0
+    for i in range(cuda.blockIdx.x * ROW_BLOCK + cuda.threadIdx.x, per, cuda.gridDim.x * ROW_BLOCK):
+        v = np.float64(x[base + i])
+        acc += v * v
+    s = _block_sum(buf, acc)
+    if cuda.threadIdx.x == 0:
+        partials[cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x] = s
+
+
+@cuda.jit(cache=True)
+def batched_scale_by_inverse_norm(x, partials, n_partials, eps, per):
+    """x[z] /= sqrt(Σ x[z]²) + eps from `batched_sum_squares_partial`'s partials (Newton–Schulz
+    normalisation); grid (blocks per matrix, matrices)."""
+    buf = cuda.shared.array(ROW_BLOCK, np.float64)
+    z = cuda.blockIdx.y
+    total = _sum_partials(buf, partials, z * n_partials, n_partials)
     norm = np.float32(math.sqrt(total) + eps)
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        x[i] = x[i] / norm
+    base = z * per
+    for i in range(cuda.blockIdx.x * ROW_BLOCK + cuda.threadIdx.x, per, cuda.gridDim.x * ROW_BLOCK):
+        x[base + i] = x[base + i] / norm
 
 
 @cuda.jit(cache=True)
@@ -548,18 +566,22 @@ def lion(p, g, m, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, decay):
 
 
 @cuda.jit(cache=True)
-def muon_momentum(g, buf, out, momentum, nesterov):
-    """buf = μ·buf + g; out = g + μ·buf (Nesterov) or buf."""
+def muon_momentum(g, buf, out, offset, momentum, nesterov, rows, cols, transposed):
+    """buf = μ·buf + g; d = g + μ·buf (Nesterov) or buf, written to out[offset:] as [rows, cols] or, when
+    `transposed`, as its transpose [cols, rows] (Newton–Schulz runs on the wide orientation)."""
     for i in range(cuda.grid(1), g.size, cuda.gridsize(1)):
         b = buf[i] * momentum + g[i]
         buf[i] = b
-        out[i] = g[i] + momentum * b if nesterov else b
+        at = (i % cols) * rows + i // cols if transposed else i
+        out[offset + at] = g[i] + momentum * b if nesterov else b
 
 
 @cuda.jit(cache=True)
-def muon_apply(p, update, update_scale, lr, decay):
+def muon_apply(p, update, offset, update_scale, lr, decay, rows, cols, transposed):
+    """p = p·decay − lr·scale·U with U read from update[offset:] ([rows, cols], or transposed)."""
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        p[i] = p[i] * decay - lr * (update[i] * update_scale)
+        at = (i % cols) * rows + i // cols if transposed else i
+        p[i] = p[i] * decay - lr * (update[offset + at] * update_scale)
 
 
 # ------------------------------------------------------------------------------------------------- GEMM

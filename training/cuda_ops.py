@@ -9,20 +9,24 @@ GPU. Each function has the NumPy backend's signature and meaning (see backend.py
   after the first one and never waits on a `cudaFree`.
 - Results are reproducible bit for bit on one GPU: no reduction depends on the order of float atomics.
 - `embedding_backward` reads the token ids back to the host to sort them (one small copy per step).
+- `muon_` queues its update; the queue runs as one batched Newton–Schulz per weight shape before the next op
+  of this module (any op), so results are as if each update ran in place, in order.
 Set NUMBA_ENABLE_CUDASIM=1 before numba is first imported to run all of it on the CPU simulator (tests).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numba import cuda
 from ternary.training import cuda_kernels as K
-from ternary.training.backend import NS5_COEFFS
+from ternary.training.backend import NS5_COEFFS, OPS
 
 Array = Any  # numba.cuda DeviceNDArray (FakeCUDAArray under the simulator)
 
@@ -89,12 +93,6 @@ if not K.SIMULATOR:
         return finalizer
 
     cuda.set_memory_manager(_PoolMemoryManager)
-
-
-def empty_cache() -> None:
-    """Return the pool's free blocks to the driver (e.g. before handing the GPU to another library)."""
-    if not K.SIMULATOR:
-        cuda.current_context().memory_manager.release_cached()
 
 
 # ------------------------------------------------------------------------------------------ launch helpers
@@ -633,27 +631,55 @@ def _transpose(x: Array) -> Array:
     return out
 
 
-def newton_schulz5(g: Array, steps: int) -> Array:
-    """Approximate orthogonalisation U·V^T of g = U·S·V^T by the quintic Newton–Schulz iteration (Muon).
-
-    X ← X/‖X‖_F, then `steps` times X ← aX + (bA + cA²)X with A = XX^T, on the wide orientation; the
-    polynomial is two GEMMs with an addend (P = c·A·A + b·A, then X' = P·X + a·X)."""
-    _check_float(g)
+def _newton_schulz_stack(x: Array, steps: int) -> Array:
+    """NS5 of each wide matrix of x [G, r, c] (r ≤ c) at once: per-matrix normalisation, then each product
+    as one batched GEMM over the G matrices (the polynomial with an addend: P = cA² + bA, X' = PX + aX)."""
     a_coef, b_coef, c_coef = NS5_COEFFS
+    n, rows, cols = x.shape
+    per = rows * cols
+    blocks = _reduce_grid(per)
+    partials = _empty(n * blocks, np.float64)
+    K.batched_sum_squares_partial[(blocks, n), K.ROW_BLOCK](_flat(x), partials, per)
+    K.batched_scale_by_inverse_norm[(blocks, n), K.ROW_BLOCK](_flat(x), partials, blocks, 1e-7, per)
+    square = rows * rows
+    for _ in range(steps):
+        gram = _empty((n, rows, rows))
+        _gemm(x, x, gram, rows, rows, cols, trans_b=True, batch=n, stride_a=per, stride_b=per)
+        poly = _empty((n, rows, rows))
+        _gemm(gram, gram, poly, rows, rows, rows, batch=n, stride_a=square, stride_b=square,
+              alpha=c_coef, beta=b_coef, addend=gram)  # fmt: skip
+        x_next = _empty((n, rows, cols))
+        _gemm(poly, x, x_next, rows, cols, rows, batch=n, stride_a=square, stride_b=per,
+              alpha=1.0, beta=a_coef, addend=x)  # fmt: skip
+        x = x_next
+    return x
+
+
+def newton_schulz5(g: Array, steps: int) -> Array:
+    """Approximate orthogonalisation U·V^T of g = U·S·V^T by the quintic Newton–Schulz iteration (Muon):
+    X ← X/‖X‖_F, then `steps` times X ← aX + (bA + cA²)X with A = XX^T, on the wide orientation."""
+    _flush_muon()
+    _check_float(g)
     tall = g.shape[0] > g.shape[1]
     x = _transpose(g) if tall else copy(g)
-    rows, cols = x.shape
-    partials = _partials(K.sum_squares_partial, x, np.float64)
-    K.scale_by_inverse_norm[_reduce_grid(x.size), K.ROW_BLOCK](_flat(x), partials, partials.size, 1e-7)
-    for _ in range(steps):
-        gram = _empty((rows, rows))
-        _gemm(x, x, gram, rows, rows, cols, trans_b=True)
-        poly = _empty((rows, rows))
-        _gemm(gram, gram, poly, rows, rows, rows, alpha=c_coef, beta=b_coef, addend=gram)
-        x_next = _empty((rows, cols))
-        _gemm(poly, x, x_next, rows, cols, rows, alpha=1.0, beta=a_coef, addend=x)
-        x = x_next
+    x = _newton_schulz_stack(x.reshape(1, *x.shape), steps)
+    x = x.reshape(x.shape[1], x.shape[2])
     return _transpose(x) if tall else x
+
+
+# Muon updates are collected and run together: `muon_` only queues its update, and the queue is applied, one
+# batched Newton–Schulz per weight shape, before any other op runs (see `_ordered` below), so every op still
+# sees the parameters updated in program order. One optimizer step's dozens of small per-matrix iterations
+# become a few batched ones: far fewer launches (the host is the limit there) and fuller GPU waves.
+_PENDING_MUON: list[tuple[Array, Array, Array, tuple]] = []
+_PENDING_ADDRESSES: set[int] = set()
+
+
+def _address(a: Array) -> int:
+    """Where a device array's data starts (views from reshapes share it)."""
+    if K.SIMULATOR:
+        return int(a.ctypes.data)  # the simulator's arrays wrap NumPy arrays
+    return int(a.device_ctypes_pointer.value or 0)
 
 
 def muon_(
@@ -667,13 +693,73 @@ def muon_(
     ns_steps: int,
 ) -> None:
     """One Muon step for a 2-D weight: buf = μ·buf + g; d = g + μ·buf (Nesterov) or buf;
-    p -= lr·(NS5(d)·sqrt(max(1, rows/cols)) + wd·p)."""
-    direction = _empty(tuple(g.shape))
-    K.muon_momentum[_ew_grid(g.size), K.EW_BLOCK](
-        _flat(g), _flat(buf), _flat(direction), np.float32(momentum), int(bool(nesterov))
+    p -= lr·(NS5(d)·sqrt(max(1, rows/cols)) + wd·p). Applied (batched with the other queued updates of the
+    same shape) before the next op of this module runs."""
+    _check_float(p, g, buf)
+    if len(p.shape) != 2 or tuple(g.shape) != tuple(p.shape) or tuple(buf.shape) != tuple(p.shape):
+        raise ValueError(
+            f"muon_: p {tuple(p.shape)}, g {tuple(g.shape)} and buf {tuple(buf.shape)} must be one 2-D shape"
+        )
+    addresses = {_address(p), _address(g), _address(buf)}
+    if addresses & _PENDING_ADDRESSES:  # the same tensor twice in one queue: keep the order
+        _flush_muon()
+    _PENDING_MUON.append(
+        (p, g, buf, (float(lr), float(momentum), bool(nesterov), float(weight_decay), int(ns_steps)))
     )
-    update = newton_schulz5(direction, ns_steps)
-    K.muon_apply[_ew_grid(p.size), K.EW_BLOCK](
-        _flat(p), _flat(update), np.float32(math.sqrt(max(1.0, p.shape[0] / p.shape[1]))),
-        np.float32(lr), np.float32(1 - lr * weight_decay),
-    )  # fmt: skip
+    _PENDING_ADDRESSES.update(addresses)
+
+
+def _flush_muon() -> None:
+    """Apply the queued Muon updates: per (shape, hyper-parameters) group, gather the momentum directions
+    (transposed to wide), run one batched NS5, and write each weight's update."""
+    if not _PENDING_MUON:
+        return
+    groups: dict[tuple, list[tuple[Array, Array, Array]]] = defaultdict(list)
+    for p, g, buf, hyper in _PENDING_MUON:
+        groups[(tuple(p.shape), hyper)].append((p, g, buf))
+    _PENDING_MUON.clear()
+    _PENDING_ADDRESSES.clear()
+    for ((rows, cols), (lr, momentum, nesterov, weight_decay, ns_steps)), items in groups.items():
+        tall = rows > cols
+        per = rows * cols
+        stack = _empty((len(items), min(rows, cols), max(rows, cols)))
+        flat_stack = _flat(stack)
+        for i, (_, g, buf) in enumerate(items):
+            K.muon_momentum[_ew_grid(per), K.EW_BLOCK](
+                _flat(g), _flat(buf), flat_stack, i * per, np.float32(momentum), int(nesterov),
+                rows, cols, int(tall),
+            )  # fmt: skip
+        result = _flat(_newton_schulz_stack(stack, ns_steps))
+        scale = np.float32(math.sqrt(max(1.0, rows / cols)))
+        decay = np.float32(1 - lr * weight_decay)
+        for i, (p, _, _) in enumerate(items):
+            K.muon_apply[_ew_grid(per), K.EW_BLOCK](
+                _flat(p), result, i * per, scale, np.float32(lr), decay, rows, cols, int(tall)
+            )
+
+
+def _ordered(op: Callable, exempt_unless_aliasing: bool = False) -> Callable:
+    """`op` preceded by the queued Muon updates (optimizer updates of other tensors need not wait)."""
+
+    @functools.wraps(op)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if _PENDING_MUON and (
+            not exempt_unless_aliasing
+            or any(_address(a) in _PENDING_ADDRESSES for a in args if hasattr(a, "copy_to_host"))
+        ):
+            _flush_muon()
+        return op(*args, **kwargs)
+
+    return run
+
+
+def empty_cache() -> None:
+    """Return the pool's free blocks to the driver (e.g. before handing the GPU to another library)."""
+    _flush_muon()
+    if not K.SIMULATOR:
+        cuda.current_context().memory_manager.release_cached()
+
+
+for _name in OPS:
+    if _name not in ("muon_", "newton_schulz5"):
+        globals()[_name] = _ordered(globals()[_name], exempt_unless_aliasing=_name in ("adamw_", "lion_"))
