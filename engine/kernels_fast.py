@@ -55,6 +55,8 @@ GROUP_BLOCK_BYTES = ROW_GROUP * ROW_BLOCK_BYTES  # one block of one row group: 4
 PREFETCH_BYTES = 8192
 # Prefill: a thread keeps this many bytes of weights hot in L2 while every token tile passes over them.
 GEMM_CHUNK_BYTES = 96 * 1024
+# Decode: weights per parallel work item; enough to amortise its set-up, small enough to balance threads.
+DECODE_CHUNK_BYTES = 64 * 1024
 
 
 @njit(cache=True)
@@ -251,11 +253,36 @@ def _tile_outputs(
 
 @njit(cache=True)
 def planar_chunk_groups(isa, n_tok, k):
-    """Row groups per parallel work item: 1 for decode; when token tiles reuse the weights, enough groups for
-    ``GEMM_CHUNK_BYTES`` of them (they stay in L2 while every tile passes)."""
+    """Row groups per parallel work item: ``DECODE_CHUNK_BYTES`` of weights for decode (each thread still
+    reads one sequential stream), ``GEMM_CHUNK_BYTES`` when token tiles reuse the weights (they stay in L2
+    while every tile passes)."""
+    group_bytes = (k // BLOCK) * GROUP_BLOCK_BYTES
     if n_tok >= tile_tokens(isa):
-        return max(1, GEMM_CHUNK_BYTES // ((k // BLOCK) * GROUP_BLOCK_BYTES))
-    return 1
+        return max(1, GEMM_CHUNK_BYTES // group_bytes)
+    return max(1, DECODE_CHUNK_BYTES // group_bytes)
+
+
+@njit(cache=True, inline="always")
+def _groups_flat(
+    isa, g0, g1, packed, scales, row_scales, group_uniform, n_out, x, n_tok, k, sums, token_sums, xs, n_cols,
+    out,
+):  # fmt: skip
+    """``planar_matmul_groups`` on flat views (made once per call by the drivers, not once per work item)."""
+    tokens = tile_tokens(isa)
+    one = single_token(isa)
+    t_full = n_tok - n_tok % tokens
+    for t0 in range(0, t_full, tokens):
+        for g in range(g0, g1):
+            _tile_outputs(
+                isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
+                n_cols, out,
+            )  # fmt: skip
+    for t0 in range(t_full, n_tok):
+        for g in range(g0, g1):
+            _tile_outputs(
+                one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
+                n_cols, out,
+            )  # fmt: skip
 
 
 @njit(cache=True, inline="always")
@@ -274,33 +301,30 @@ def planar_matmul_groups(
     x_scale,
     out,
 ):
-    """Outputs of row groups [g0, g1) for every token: the serial building block of the parallel drivers, for
-    callers that run their own parallel region (e.g. Q, K and V in one ``prange``)."""
+    """Outputs of row groups [g0, g1) for every token: serial, for callers that run their own parallel region
+    (e.g. Q, K and V in one ``prange``). A call costs a few hundred cycles of set-up: give it many groups."""
     n_tok, k = xq.shape
-    x = xq.reshape(n_tok * k)
-    n_cols = x_scale.shape[1]
-    xs = x_scale.reshape(x_scale.size)
-    sums = block_sums.reshape(block_sums.size)
-    scales = group_scales.reshape(group_scales.size)
-    tokens = tile_tokens(isa)
-    one = single_token(isa)
-    t_full = n_tok - n_tok % tokens
-    for t0 in range(0, t_full, tokens):
-        for g in range(g0, g1):
-            _tile_outputs(
-                isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
-                n_cols, out,
-            )  # fmt: skip
-    for t0 in range(t_full, n_tok):
-        for g in range(g0, g1):
-            _tile_outputs(
-                one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, token_sums, xs,
-                n_cols, out,
-            )  # fmt: skip
+    x, xs, sums, scales = _flat_views(xq, x_scale, block_sums, group_scales)
+    _groups_flat(
+        isa, g0, g1, packed, scales, row_scales, group_uniform, n_out, x, n_tok, k, sums, token_sums, xs,
+        x_scale.shape[1], out,
+    )  # fmt: skip
 
 
 # The two parallel drivers each own their prange: a cached jitted function must not call a parallel one whose
 # code was itself loaded from the cache (numba issue #8578: the caller's cache entry then segfaults on load).
+# (And the prange must sit in the driver itself: one inside an inlined helper runs serially.)
+
+
+@njit(cache=True, inline="always")
+def _flat_views(xq, x_scale, block_sums, group_scales):
+    n_tok, k = xq.shape
+    return (
+        xq.reshape(n_tok * k),
+        x_scale.reshape(x_scale.size),
+        block_sums.reshape(block_sums.size),
+        group_scales.reshape(group_scales.size),
+    )
 
 
 @njit(cache=True, parallel=True)
@@ -312,12 +336,15 @@ def planar_matmul_summed(
     ``group_scales`` float32[n_groups, K/256, 4] (per-block scales, group-major), ``row_scales``
     float32[4·n_groups] (the one scale of each row of a uniform group), ``group_uniform`` uint8[n_groups].
     """
+    n_tok, k = xq.shape
+    x, xs, sums, scales = _flat_views(xq, x_scale, block_sums, group_scales)
     n_groups = group_uniform.shape[0]
-    chunk = planar_chunk_groups(isa, xq.shape[0], xq.shape[1])
+    chunk = planar_chunk_groups(isa, n_tok, k)
     for c in prange((n_groups + chunk - 1) // chunk):
-        planar_matmul_groups(
-            isa, c * chunk, min(c * chunk + chunk, n_groups), packed, group_scales, row_scales, group_uniform,
-            n_out, xq, block_sums, token_sums, x_scale, out,
+        g0 = c * chunk
+        _groups_flat(
+            isa, g0, min(g0 + chunk, n_groups), packed, scales, row_scales, group_uniform, n_out,
+            x, n_tok, k, sums, token_sums, xs, x_scale.shape[1], out,
         )  # fmt: skip
 
 
@@ -325,10 +352,13 @@ def planar_matmul_summed(
 def planar_matmul(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, x_scale, out):
     """``planar_matmul_summed`` computing the activation sums itself."""
     block_sums, token_sums = activation_sums(xq)
+    n_tok, k = xq.shape
+    x, xs, sums, scales = _flat_views(xq, x_scale, block_sums, group_scales)
     n_groups = group_uniform.shape[0]
-    chunk = planar_chunk_groups(isa, xq.shape[0], xq.shape[1])
+    chunk = planar_chunk_groups(isa, n_tok, k)
     for c in prange((n_groups + chunk - 1) // chunk):
-        planar_matmul_groups(
-            isa, c * chunk, min(c * chunk + chunk, n_groups), packed, group_scales, row_scales, group_uniform,
-            n_out, xq, block_sums, token_sums, x_scale, out,
+        g0 = c * chunk
+        _groups_flat(
+            isa, g0, min(g0 + chunk, n_groups), packed, scales, row_scales, group_uniform, n_out,
+            x, n_tok, k, sums, token_sums, xs, x_scale.shape[1], out,
         )  # fmt: skip

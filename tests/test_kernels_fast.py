@@ -17,7 +17,7 @@ from conftest import ORACLE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
-from ternary.engine import cpu_features, simd
+from ternary.engine import cpu_features, kernels_fast, simd
 from ternary.engine.kernels_fast import activation_sums, planar_matmul_groups
 from ternary.engine.planar import PlanarMatrix, pack_codes, unpack_codes
 from ternary.formats.quants import ternary_codes
@@ -185,6 +185,22 @@ def test_oracle_per_block_scales(oracle_dir):
     expected = x @ weights.T
     for path, out in run_all_paths(codes, scales, block, xq, x_scale).items():
         np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("driver", [kernels_fast.planar_matmul, kernels_fast.planar_matmul_summed])
+def test_drivers_really_run_in_parallel(driver):
+    """The ``prange`` must survive compilation (one in an inlined helper silently runs serially)."""
+    m = PlanarMatrix.from_codes(
+        np.zeros((8, 256), np.int8), np.ones((8, 1), np.float32), 256, kernels="generic"
+    )
+    xq = np.zeros((1, 256), np.int8)
+    xs = np.ones((1, 1), np.float32)
+    sums = kernels_fast.activation_sums(xq)
+    fresh = numba.njit(parallel=True)(driver.py_func)  # uncached, so its diagnostics exist
+    args = (m._isa, m.packed, m.group_scales, m.row_scales, m.group_uniform, 8, xq)
+    args += (*sums, xs) if driver is kernels_fast.planar_matmul_summed else (xs,)
+    fresh(*args, np.empty((1, 8), np.float32))
+    assert fresh.get_metadata(fresh.signatures[0])["parfor_diagnostics"].count_parfors() == 1
 
 
 def test_two_threads_give_the_same_bits():
