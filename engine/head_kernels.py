@@ -6,13 +6,13 @@ with SIMD intrinsics where the machine has them, and reproduce llama.cpp's float
 it. Callable from other ``@njit`` code (plain arrays plus an ISA marker from ``simd.ISAS``):
 
 * ``q8k_bsums(xq int8[T, K]) -> int16[T, K/16]``: Σ of every 16 activations (Q8_K's ``bsums``).
-* ``q6k_rows(isa, w, n_in, r0, r1, xq, xd, bsums, out)``: rows [r0, r1) of ``out[t, n] = Σ_k W[n, k]·x[t, k]``,
-  serial. ``w`` uint8[N·(K/256)·210] (the Q6_K blocks, row-major), ``xq`` int8[T, K], ``xd`` float32[T, K/256]
-  (Q8_K scales), ``bsums`` from ``q8k_bsums``, ``out`` float32[T, N].
+* ``q6k_rows(isa, w, n_in, r0, r1, xq, xd, bsums, out)``: rows [r0, r1) of ``out[t, n] = Σ_k W[n, k]·x[t, k]``
+  (serial). ``w`` uint8[N·(K/256)·210] (the Q6_K blocks, row-major), ``xq`` int8[T, K], ``xd``
+  float32[T, K/256] (Q8_K scales), ``bsums`` from ``q8k_bsums``, ``out`` float32[T, N].
 * ``q8_0_rows(isa, w, n_in, r0, r1, xq, xd, out)``: ``w`` uint8[N·(K/32)·34] (Q8_0 blocks), ``xq`` int8[T, K]
   in [-127, 127] (Q8_0 activations never hold -128), ``xd`` float32[T, K/32].
-* ``f16_rows(isa, w, n_in, r0, r1, x, out)``: ``w`` uint16[N·K] (F16 bit patterns), ``x`` float32[T, K] already
-  rounded to F16 values (``activations.round_to_f16``).
+* ``f16_rows(isa, w, n_in, r0, r1, x, out)``: ``w`` uint16[N·K] (F16 bit patterns), ``x`` float32[T, K]
+  already rounded to F16 values (``activations.round_to_f16``).
 * ``q6k_matmul``, ``q8_0_matmul``, ``f16_matmul``: the same arguments without ``r0, r1``, parallel over chunks
   of rows (each thread reads one sequential stream). Call these from Python or from jitted code that is not
   cached (numba #8578, see ``kernels_fast``); jitted callers with their own ``prange`` use the ``*_rows``.
@@ -235,8 +235,8 @@ def q6k_simd_isums(typingctx, isa, w, w_off, x, x_off, x_stride, bs, bs_off, bs_
 
 @intrinsic
 def f16_simd_dot(typingctx, isa, w, w_off, x, x_off, steps):
-    """tinyBLAS's F16 dot of ``steps``·16 values: ``w[w_off:]`` (F16 bits) · ``x[x_off:]`` (float32), 16 lanes,
-    then the ``_mm512_reduce_add_ps`` tree."""
+    """tinyBLAS's F16 dot of ``steps``·16 values: ``w[w_off:]`` (F16 bits) · ``x[x_off:]`` (float32), 16
+    lanes, then the ``_mm512_reduce_add_ps`` tree."""
     if not _is_simd(isa) or not (_is_vector(w, types.uint16) and _is_vector(x, types.float32)):
         return None
     sig = types.float32(isa, w, types.intp, x, types.intp, types.intp)
@@ -369,7 +369,7 @@ def q8_0_generic_dot(w, w_off, x, x_off, xd, xd_off, n_blocks, lanes):
     return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
 
 
-# ---------------------------------------------------------------- per-ISA primitives, resolved at compile time
+# ---------------------------------------------------------------- per-ISA primitives, resolved when compiled
 # Stubs callable only from jitted code; each overload is a one-line trampoline into a top-level kernel or
 # intrinsic (so the on-disk cache keeps working, as in kernels_fast).
 
@@ -441,7 +441,7 @@ def q8k_bsums(xq):
 
 @njit(cache=True, inline="always")
 def _q6k_tile(isa, w, base, n_blocks, x, n_in, bs, xd, t0, acc):
-    """``acc[j]`` = the outputs of the row whose blocks start at ``w[base]``, for tokens t0 + j of the tile."""
+    """``acc[j]`` = the output of the row whose blocks start at ``w[base]`` for token t0 + j of the tile."""
     tokens = tile_tokens(isa)
     n_sub = n_in // Q6K_SUBBLOCK
     for j in range(tokens):
