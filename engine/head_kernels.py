@@ -136,6 +136,23 @@ def _madd_words(builder, a: ir.Value, b: ir.Value) -> ir.Value:
     return _call(builder, name, ir.VectorType(_I32, n // 2), [a, b])
 
 
+def _spread_scales(builder, scales: ir.Value, first: int, width: int) -> ir.Value:
+    """Sub-block scales for one code vector: word i ↦ ``scales[first + i // 8]`` (``width // 2`` words).
+
+    On zmm this is one ``vpermw`` per vector. The index goes through an empty inline-asm statement so that
+    LLVM cannot see it is constant: with a constant index it rewrites the permute as byte shuffles plus sign
+    extensions, two instructions per vector instead of one.
+    """
+    pattern = [first + i // 8 for i in range(width // 2)]
+    if width != 64:
+        return _shuffle(builder, scales, pattern)
+    words = ir.VectorType(_I16, 32)
+    wide = builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+    index = ir.Constant(words, pattern)
+    opaque = builder.asm(ir.FunctionType(words, [words]), "", "=v,0", [index], False)
+    return _call(builder, "llvm.x86.avx512.permvar.hi.512", words, [wide, opaque])
+
+
 def _q6k_codes(builder, width: int, wbase: ir.Value, off: ir.Value) -> list[ir.Value]:
     """The 256 unsigned 6-bit codes of the block at ``off``, as 256/width byte vectors in element order."""
     vec = ir.VectorType(_I8, width)
@@ -207,10 +224,7 @@ def q6k_simd_isums(typingctx, isa, w, w_off, x, x_off, x_stride, bs, bs_off, bs_
         scales8 = _load(builder, wbase, _plus(builder, off, 192), ir.VectorType(_I8, 16))
         scales = builder.sext(scales8, ir.VectorType(_I16, 16))
         per_vec = width // Q6K_SUBBLOCK  # sub-blocks per code vector; pmaddubsw lane i covers values 2i, 2i+1
-        vec_scales = [
-            _shuffle(builder, scales, [k * per_vec + i // 8 for i in range(width // 2)])
-            for k in range(len(codes))
-        ]
+        vec_scales = [_spread_scales(builder, scales, k * per_vec, width) for k in range(len(codes))]
         sums = []
         for j in range(tokens):
             xo = builder.add(x_off, builder.mul(x_stride, ir.Constant(x_off.type, j)))
