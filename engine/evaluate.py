@@ -10,9 +10,9 @@ models with different tokenizers comparable.
 
 The code eval asks for greedy completions of held-out Python function headers (`def name(args):` plus the
 docstring if any, dedented to column 0), cuts each completion where the function ends (the first non-blank
-line back at column 0, two blank lines in a row, end of generation, or the token limit, which keeps only
-complete lines, as does every stop), and reports the share of header + completion that `ast.parse`s and `compile`s. An empty body
-counts as a failure.
+line back at column 0, two blank lines in a row, end of generation, or the token limit; only complete lines
+are kept), and reports the share of header + completion that `ast.parse`s and `compile`s. An empty body counts
+as a failure.
 
     ternary-eval model.gguf --ppl heldout/ --code --ctx 256 -t 4
 """
