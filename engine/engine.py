@@ -5,6 +5,11 @@
 
 It owns the tokenizer, the forward pass (``model.Transformer``) and its slot KV cache. ``generate`` runs one
 sequence in slot 0; the server's continuous batching drives ``eval_batch`` / ``reset_slot`` directly.
+
+Threads: ``numba.set_num_threads`` is a setting of the calling thread, so every ``eval_batch`` applies the
+engine's count itself (the server calls from its scheduler thread, a benchmark from the main thread).
+``decode_threads`` may differ for batches of single decode tokens: on a loaded machine one thread avoids a
+parallel region stalling for a whole scheduler slice.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from types import TracebackType
 import numba
 import numpy as np
 import psutil
+from ternary.engine.load import CacheSetting
 from ternary.engine.model import load_transformer
 from ternary.engine.sampling import Sampler, SamplingParams
 from ternary.formats.model_file import open_model
@@ -32,12 +38,18 @@ def default_threads() -> int:
     return max(1, min(cores, numba.config.NUMBA_NUM_THREADS))
 
 
-def set_threads(threads: int | None) -> int:
-    """Apply ``threads`` (None: physical cores) to Numba's parallel kernels; returns the number in use."""
+def thread_count(threads: int | None, what: str = "threads") -> int:
+    """``threads`` checked and capped at Numba's ceiling (None: physical cores)."""
     n = default_threads() if threads is None else int(threads)
     if n < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    n = min(n, numba.config.NUMBA_NUM_THREADS)  # numba's ceiling, fixed when it was imported
+        raise ValueError(f"{what} must be at least 1, got {threads}")
+    return min(n, numba.config.NUMBA_NUM_THREADS)  # numba's ceiling, fixed when it was imported
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``threads`` (None: physical cores) to Numba's parallel kernels on the calling thread; returns
+    the number in use."""
+    n = thread_count(threads)
     numba.set_num_threads(n)
     return n
 
@@ -104,9 +116,19 @@ class Engine:
         act_quant: str = "q8k",
         ffn_act: str | None = None,
         n_slots: int = 1,
+        layout: str = "planar",
+        decode_threads: int | None = None,
+        kernel_path: str | None = None,
+        repack_cache: CacheSetting = None,
     ) -> None:
+        """``layout``: ``planar`` (fast, fused) or ``reference``; ``decode_threads``: threads for batches of
+        single decode tokens (None: ``threads``); ``kernel_path``: force a kernel path (``cpu_features``);
+        ``repack_cache``: folder of repacked weights (None: the default, False: none)."""
         start = time.perf_counter()
         self.threads = set_threads(threads)
+        self.decode_threads = (
+            thread_count(decode_threads, "decode_threads") if decode_threads else self.threads
+        )
         if n_ctx is not None and n_ctx < 0:
             raise ValueError(f"n_ctx must be positive (0 or None: the model's), got {n_ctx}")
         if n_slots < 1:
@@ -115,7 +137,15 @@ class Engine:
             self.path = mf.path
             self.config = mf.config
             self.tokenizer = Tokenizer.from_metadata(mf.gguf.metadata, source=mf.path)
-            self.model = load_transformer(mf, n_slots=n_slots, n_ctx=n_ctx or None, act_quant=act_quant)
+            self.model = load_transformer(
+                mf,
+                n_slots=n_slots,
+                n_ctx=n_ctx or None,
+                act_quant=act_quant,
+                layout=layout,
+                kernel_path=kernel_path,
+                repack_cache=repack_cache,
+            )
         loaded = time.perf_counter()
         self._warm_up()
         self.stats = GenerationStats(load_seconds=loaded - start, jit_seconds=time.perf_counter() - loaded)
@@ -142,6 +172,10 @@ class Engine:
     def n_vocab(self) -> int:
         return self.model.head.n_out
 
+    @property
+    def layout(self) -> str:
+        return self.model.layout
+
     def reset_slot(self, slot: int) -> None:
         self.model.reset_slot(slot)
 
@@ -153,6 +187,8 @@ class Engine:
         logits_for: Sequence[bool] | np.ndarray | None = None,
     ) -> np.ndarray:
         """Evaluate (token, position, slot) triples; logits float32[n_true, n_vocab] where ``logits_for``."""
+        decode = len(tokens) == len(set(np.asarray(slots).tolist()))  # one token per slot
+        numba.set_num_threads(self.decode_threads if decode else self.threads)
         return self.model.forward(tokens, positions, slots, logits_for)
 
     # ------------------------------------------------------------------ text
@@ -264,7 +300,8 @@ class Engine:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Nothing stays mapped after loading; kept so ``with Engine(...)`` reads naturally."""
+        """The head reads the model file's memory map (and the weights that of the repack cache) until the
+        engine is garbage-collected; kept so ``with Engine(...)`` reads naturally."""
 
     def __enter__(self) -> Engine:
         return self

@@ -5,6 +5,11 @@ batch of decode tokens from different slots alike: every token carries its own s
 RMSNorm → Q/K/V (ternary, optional ``.scale``) → RoPE → causal GQA attention → attn sub-norm → O → residual →
 RMSNorm → gate/up → SiLU or ReLU² gate → ffn sub-norm → down → residual; then the final norm and the head.
 The int8 activations of a norm's output are computed once and shared by the matmuls that read it.
+
+Two layouts (``load_transformer(layout=...)``): ``planar`` (default) repacks the ternary weights once (cached
+on disk, ``load.py``) and runs all layers of a batch in one jitted call (``fused.forward_layers``);
+``reference`` keeps one int8 code per weight and runs layer by layer (``TernaryMatrix``). In ``q8k`` mode both
+give the same bits. Traces (``trace=``) and ``run_layer`` always take the step-by-step path.
 """
 
 from __future__ import annotations
@@ -13,20 +18,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
-from ternary.engine import activations, attention, kernels
+from ternary.engine import activations, attention, cpu_features, kernels, simd
+from ternary.engine.fused import StackedLinear, forward_layers
+from ternary.engine.head_kernels import head_matrix
 from ternary.engine.kv_cache import KVCache
-from ternary.engine.weights import DenseMatrix, TernaryMatrix, dense_matrix
-from ternary.formats.model_file import ModelFile
+from ternary.engine.load import CacheSetting, load_stacked_linears
+from ternary.engine.weights import DenseMatrix, PlanarQ8KMatrix, TernaryMatrix, dense_matrix
+from ternary.formats import quants
+from ternary.formats.model_file import LINEAR_NAMES, ModelFile
 
 FFN_ACTS = ("silu", "relu2")
+LAYOUTS = ("planar", "reference")
+HEAD_KERNEL_TYPES = (quants.Q6_K, quants.Q8_0, quants.F16)  # embedding/head types ``head_kernels`` serves
+# Layer attribute of each GGUF linear name
+LAYER_FIELDS = dict(zip(LINEAR_NAMES, ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"), strict=True))
 
 
 @dataclass
 class Linear:
     """A ternary matmul and the optional scalar ``<name>.scale`` that multiplies its output."""
 
-    matrix: TernaryMatrix
+    matrix: TernaryMatrix | PlanarQ8KMatrix
     scale: float | None = None
 
     def __call__(self, xq: np.ndarray, x_scale: np.ndarray) -> np.ndarray:
@@ -84,7 +98,11 @@ class Transformer:
         n_ctx: int | None = None,
         act_quant: str = "q8k",
         ffn_act: str | None = None,
+        stacked: dict[str, StackedLinear] | None = None,
+        kernel_path: str | None = None,
     ) -> None:
+        """``stacked`` (the planar weights of every layer, which ``layers`` view) enables the fused forward;
+        ``kernel_path`` names its kernels (``cpu_features.KERNEL_PATHS``; None: the fastest)."""
         self.config = config
         self.embedding = embedding
         self.head = head
@@ -102,6 +120,14 @@ class Transformer:
         self._kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(config.head_dim)))
         n_ctx = int(n_ctx or config.n_ctx_train)
         self.cache = KVCache(config.n_layer, n_slots, n_ctx, config.n_head_kv, config.head_dim)
+        self.stacked = stacked
+        self.isa = simd.ISAS[cpu_features.select_path(kernel_path)]
+        if stacked is not None:
+            self._norms = _stacked_norms(self.layers)
+
+    @property
+    def layout(self) -> str:
+        return "reference" if self.stacked is None else "planar"
 
     @property
     def n_ctx(self) -> int:
@@ -153,10 +179,15 @@ class Transformer:
 
         record = _recorder(trace)
         rope = rope_tables(positions, cfg.rope_dim, cfg.rope_base)
-        x = np.ascontiguousarray(self.embedding.rows(tokens), dtype=np.float32)
+        x = np.array(
+            self.embedding.rows(tokens), dtype=np.float32, order="C"
+        )  # a fresh array: updated in place
         record("embd", x)
-        for il in range(len(self.layers)):
-            x = self._layer(il, x, positions, slots, rope, record)
+        if self.stacked is not None and trace is None:
+            self._fused_layers(x, positions, slots, rope)
+        else:
+            for il in range(len(self.layers)):
+                x = self._layer(il, x, positions, slots, rope, record)
         self.cache.commit(positions, slots)
 
         if logits_for is not None:
@@ -164,6 +195,21 @@ class Transformer:
         y = rms_norm(x, self.output_norm, cfg.rms_eps)
         record("result_norm", y)
         return self.head.matmul(y)
+
+    def _fused_layers(
+        self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, rope: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        """Every layer in one jitted call (``fused.forward_layers``), on ``x`` in place."""
+        cfg, w = self.config, self.stacked
+        attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm = self._norms
+        forward_layers(
+            self.isa, self.act_quant == "q8k", self.ffn_act == "relu2", attn_sub_norm is not None,
+            x, positions, slots, *rope,
+            attn_norm, _or_empty(attn_sub_norm), ffn_norm, _or_empty(ffn_sub_norm),
+            *(w[name].arrays() for name in LINEAR_NAMES),
+            self.cache.k, self.cache.v, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.rope_dim, cfg.rope_neox,
+            cfg.rms_eps, self._kq_scale, numba.get_num_threads(),
+        )  # fmt: skip
 
     def run_layer(
         self,
@@ -228,6 +274,20 @@ class Transformer:
         return x
 
 
+def _stacked_norms(layers: Sequence[Layer]) -> tuple[np.ndarray | None, ...]:
+    """(attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm) stacked float32[L, width]; None where absent."""
+
+    def stack(field: str) -> np.ndarray | None:
+        rows = [getattr(layer, field) for layer in layers]
+        return None if rows[0] is None else np.ascontiguousarray(np.stack(rows), dtype=np.float32)
+
+    return tuple(stack(f) for f in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"))
+
+
+def _or_empty(a: np.ndarray | None) -> np.ndarray:
+    return np.zeros((1, 1), dtype=np.float32) if a is None else a
+
+
 def _recorder(trace: dict[str, np.ndarray] | None) -> Callable[[str, np.ndarray], None]:
     def record(name: str, value: np.ndarray) -> None:
         if trace is not None:
@@ -243,19 +303,37 @@ def load_transformer(
     n_ctx: int | None = None,
     act_quant: str = "q8k",
     ffn_act: str | None = None,
-    matrix_type: type = TernaryMatrix,
+    layout: str = "planar",
+    kernel_path: str | None = None,
+    repack_cache: CacheSetting = None,
 ) -> Transformer:
-    """Repack a validated model file into the compute layouts (``matrix_type`` for the ternary linears)."""
+    """Repack a validated model file into the compute layouts.
+
+    ``layout`` ``planar`` (fused forward; ``repack_cache``: None = the default cache folder, False = no cache,
+    or a folder) or ``reference``; ``kernel_path`` forces a kernel path (see ``cpu_features``).
+    """
     mf = model_file
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown weight layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    stacked = load_stacked_linears(mf, repack_cache) if layout == "planar" else None
 
     def vector(info: Any) -> np.ndarray | None:
         return None if info is None else np.ascontiguousarray(mf.dequantize(info), dtype=np.float32)
 
-    def linear(lin: Any) -> Linear:
-        codes, scales, block = mf.ternary_codes(lin)
-        return Linear(matrix_type.from_codes(codes, scales, block), lin.scale)
+    def linears(il: int) -> dict[str, Linear]:
+        if stacked is not None:
+            return {
+                LAYER_FIELDS[name]: Linear(s.matrix(il, kernel_path), s.layer_scale(il))
+                for name, s in stacked.items()
+            }
+        out = {}
+        for name, lin in mf.layer(il).linears().items():
+            out[LAYER_FIELDS[name]] = Linear(TernaryMatrix.from_codes(*mf.ternary_codes(lin)), lin.scale)
+        return out
 
     def dense(info: Any) -> DenseMatrix:
+        if info.ggml_type in HEAD_KERNEL_TYPES:  # over the file's bytes, in llama.cpp's float order
+            return head_matrix(info.ggml_type, info.raw, info.shape, kernel_path)
         return dense_matrix(info.ggml_type, info.raw, info.shape, lambda: mf.dequantize(info))
 
     layers = []
@@ -264,16 +342,10 @@ def load_transformer(
         layers.append(
             Layer(
                 attn_norm=vector(t.attn_norm),
-                wq=linear(t.attn_q),
-                wk=linear(t.attn_k),
-                wv=linear(t.attn_v),
                 attn_sub_norm=vector(t.attn_sub_norm),
-                wo=linear(t.attn_output),
                 ffn_norm=vector(t.ffn_norm),
-                w_gate=linear(t.ffn_gate),
-                w_up=linear(t.ffn_up),
                 ffn_sub_norm=vector(t.ffn_sub_norm),
-                w_down=linear(t.ffn_down),
+                **linears(il),
             )
         )
     embedding = dense(mf.token_embd)
@@ -288,4 +360,6 @@ def load_transformer(
         n_ctx=n_ctx,
         act_quant=act_quant,
         ffn_act=ffn_act,
+        stacked=stacked,
+        kernel_path=kernel_path,
     )

@@ -3,6 +3,8 @@
 * ``TernaryMatrix``: the reference layout of a ternary linear: one int8 code in {-1, 0, +1} per weight
   (row-major, rows = outputs) and a float32 scale per block of ``block`` weights along the input. Simple and
   exact; the fast planar layout (``planar.py``) implements the same interface.
+* ``PlanarQ8KMatrix``: the planar layout whose Q8_K matmul keeps llama.cpp's float order (``kernels_q8k``), so
+  it gives the reference layout's bits; the engine's default.
 * The token embedding / output head in the formats llama.cpp uses for it (F16, Q8_0, Q6_K, anything else as a
   float32 fallback), each multiplying with the activation format llama.cpp pairs it with, and able to hand out
   dequantized rows for the embedding lookup.
@@ -14,7 +16,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
-from ternary.engine import activations, kernels
+from ternary.engine import activations, kernels, simd
+from ternary.engine.kernels_q8k import lane_sums, q8k_matmul
+from ternary.engine.planar import PlanarMatrix
 from ternary.formats import quants
 
 
@@ -84,6 +88,40 @@ class TernaryMatrix:
         return self.codes.astype(np.float32) * scales
 
 
+class PlanarQ8KMatrix(PlanarMatrix):
+    """``PlanarMatrix`` whose product with 256-block activation scales follows llama.cpp's TQ × Q8_K order.
+
+    The rule for choosing the order is ``TernaryMatrix``'s (activation blocks of 256 meet weight blocks of a
+    multiple of 256), so both layouts give the same bits wherever the reference does; other activation
+    scales (per token) take the integer-only planar kernels.
+    """
+
+    def matmul(self, xq: np.ndarray, x_scale: np.ndarray, out: np.ndarray) -> np.ndarray:
+        n_blocks = self.n_in // activations.Q8K_BLOCK
+        if not (isinstance(x_scale, np.ndarray) and x_scale.ndim == 2 and x_scale.shape[1] == n_blocks):
+            return super().matmul(xq, x_scale, out)
+        n_tok = x_scale.shape[0]
+        if not isinstance(xq, np.ndarray) or xq.dtype != np.int8 or xq.shape != (n_tok, self.n_in):
+            raise ValueError(f"activations must be int8[{n_tok}, {self.n_in}], got {_describe(xq)}")
+        if x_scale.dtype != np.float32:
+            raise ValueError(f"x_scale must be float32, got {x_scale.dtype}")
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n_tok, self.n_out):
+            raise ValueError(f"output must be float32[{n_tok}, {self.n_out}], got {_describe(out)}")
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("output array must be C-contiguous and writable")
+        xq, x_scale = np.ascontiguousarray(xq), np.ascontiguousarray(x_scale)
+        sums = np.empty((n_tok, n_blocks, kernels.Q8K_LANES), dtype=np.int32)
+        lane_sums(xq, sums)
+        q8k_matmul(
+            simd.ISAS[self.kernels], self.packed, self.group_scales, self.n_out, xq, sums, x_scale, out
+        )
+        return out
+
+
+def _describe(a: object) -> str:
+    return f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+
+
 class DenseMatrix(Protocol):
     """An embedding / output-head matrix [n_out, n_in]: dequantized rows out, float activations in."""
 
@@ -108,6 +146,8 @@ class F32Matrix:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32) @ self.weights.T
 
+
+Q6K_DECODE_VALUES = 1 << 22  # values dequantized at a time while recovering Q6_K codes
 
 _F16_POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
 
@@ -169,23 +209,33 @@ class Q6KMatrix:
         self.n_out, self.n_in = self.codes.shape
 
     @classmethod
-    def from_bytes(cls, raw: np.ndarray, shape: tuple[int, int], dequantized: np.ndarray) -> Q6KMatrix:
+    def from_bytes(cls, raw: np.ndarray, shape: tuple[int, int]) -> Q6KMatrix:
         """Take the scales from the 210-byte blocks and recover the codes from the dequantized values.
 
         A Q6_K value is ``(d · scale) · code`` with |code| ≤ 32, so dividing by ``d · scale`` and rounding
         gives the code back exactly; this reuses the formats codec instead of repeating its bit unpacking.
+        Rows are decoded a chunk at a time: a float32 copy of a 128256-row head would be 1.3 GB.
         """
         n, k = shape
-        blocks = np.asarray(raw, dtype=np.uint8).reshape(n * k // 256, 210)
-        sub_scales = blocks[:, 192:208].copy().view(np.int8).reshape(n, k // 16)
-        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32).reshape(n, k // 256)
-        step = np.repeat(d, 16, axis=1) * sub_scales.astype(np.float32)
-        vals = np.asarray(dequantized, dtype=np.float32).reshape(n, k // 16, 16)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            codes = np.where(step[:, :, None] != 0, np.rint(vals / step[:, :, None]), 0.0)
-        if codes.size and (codes.min() < -32 or codes.max() > 31):
-            raise ValueError("Q6_K codes out of range [-32, 31]: block bytes and dequantized values disagree")
-        return cls(codes.astype(np.int8).reshape(n, k), sub_scales, d)
+        blocks = np.asarray(raw, dtype=np.uint8).reshape(n, k // 256, 210)
+        sub_scales = blocks[:, :, 192:208].copy().view(np.int8).reshape(n, k // 16)
+        d = blocks[:, :, 208:210].copy().view(np.float16).astype(np.float32).reshape(n, k // 256)
+        codes = np.empty((n, k), dtype=np.int8)
+        chunk = max(1, Q6K_DECODE_VALUES // k)
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            vals = quants.dequantize(quants.Q6_K, blocks[r0:r1].reshape(-1), (r1 - r0, k))
+            step = np.repeat(d[r0:r1], 16, axis=1) * sub_scales[r0:r1].astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.where(
+                    step[:, :, None] != 0, np.rint(vals.reshape(r1 - r0, k // 16, 16) / step[:, :, None]), 0
+                )
+            if q.size and (q.min() < -32 or q.max() > 31):
+                raise ValueError(
+                    "Q6_K codes out of range [-32, 31]: block bytes and dequantized values disagree"
+                )
+            codes[r0:r1] = q.reshape(r1 - r0, k)
+        return cls(codes, sub_scales, d)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         step = np.repeat(self.d[ids], 16, axis=1) * self.sub_scales[ids].astype(np.float32)
@@ -209,5 +259,5 @@ def dense_matrix(
     if ggml_type == quants.Q8_0:
         return Q8_0Matrix.from_bytes(raw, shape)
     if ggml_type == quants.Q6_K:
-        return Q6KMatrix.from_bytes(raw, shape, dequantize())
+        return Q6KMatrix.from_bytes(raw, shape)
     return F32Matrix(dequantize())

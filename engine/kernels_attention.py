@@ -1,0 +1,183 @@
+"""Attention of one query head in llama.cpp's float order, with explicit 16-lane vectors (for fused callers).
+
+``attention.attention`` defines the order (ggml's ``vec_dot_f32`` for K·Q, ``soft_max_ext``, tinyBLAS's
+16-lane V·p) with scalar loops that LLVM leaves scalar; at a context of ~140 they cost as much as all the
+matmuls of a small model's decode step. The intrinsics here emit the same float operations as
+``<16 x float>`` vector code (every lane sees the same FMAs and adds in the same order: the bits are equal):
+
+* ``vec_dot_main(x, x_off, y, y_off, n_steps)``: ``vec_dot_f32``'s 4 accumulators of 16 lanes over
+  ``n_steps`` steps of 64 elements, reduced ``(r0 + r2) + (r1 + r3)`` then ``_mm512_reduce_add_ps``;
+* ``fma_row16(acc, acc_off, v, v_off, p, n16)``: ``acc[acc_off + i] = fma(v[v_off + i], p,
+  acc[acc_off + i])`` for i < 16·n16 (tinyBLAS's per-lane accumulation of V·p: a row of accumulators per
+  key lane);
+* ``reduce_rows16(acc, stride, out, out_off, n16)``: ``out[out_off + e] = reduce_add_16(acc[r·stride + e]
+  for r < 16)`` for e < 16·n16.
+
+``attend_head`` combines them into one (token, head) of causal attention over a slot's cache rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from ternary.engine.attention import LANES, VEC_DOT_STEP, reduce_add_16, softmax_weights
+from ternary.engine.kernels import fma_f32
+
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_V16 = ir.VectorType(_F32, LANES)
+
+
+def _f32_vector(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == types.float32
+
+
+def _ptr(context, builder, aty, arr, index) -> ir.Value:
+    data = context.make_array(aty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [index]), _V16.as_pointer())
+
+
+def _fma(builder, a, b, c) -> ir.Value:
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16] * 3), "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _halves(builder, v, width: int) -> tuple[ir.Value, ir.Value]:
+    idx = ir.Constant(ir.VectorType(_I32, width // 2), list(range(width // 2)))
+    hi = ir.Constant(ir.VectorType(_I32, width // 2), list(range(width // 2, width)))
+    return builder.shuffle_vector(v, v, idx), builder.shuffle_vector(v, v, hi)
+
+
+def _reduce_add_16(builder, v) -> ir.Value:
+    """``_mm512_reduce_add_ps``: halves 8+8, 4+4, pairs, then lanes 0+1 (``attention.reduce_add_16``)."""
+    width = LANES
+    while width > 2:
+        lo, hi = _halves(builder, v, width)
+        v = builder.fadd(lo, hi)
+        width //= 2
+    zero, one = ir.Constant(_I32, 0), ir.Constant(_I32, 1)
+    return builder.fadd(builder.extract_element(v, zero), builder.extract_element(v, one))
+
+
+@intrinsic
+def vec_dot_main(typingctx, x, x_off, y, y_off, n_steps):
+    """Σ x·y over ``64·n_steps`` elements in ``ggml_vec_dot_f32``'s order (the tail is the caller's)."""
+    if not (_f32_vector(x) and _f32_vector(y)):
+        return None
+    sig = types.float32(x, types.intp, y, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        xa, xo, ya, yo, steps = args
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16, None)) for _ in range(4)]
+        with cgutils.for_range(builder, steps) as loop:
+            base = builder.mul(loop.index, ir.Constant(steps.type, VEC_DOT_STEP))
+            for m in range(4):
+                off = builder.add(base, ir.Constant(steps.type, m * LANES))
+                xv = builder.load(
+                    _ptr(context, builder, signature.args[0], xa, builder.add(xo, off)), align=4
+                )
+                yv = builder.load(
+                    _ptr(context, builder, signature.args[2], ya, builder.add(yo, off)), align=4
+                )
+                builder.store(_fma(builder, xv, yv, builder.load(accs[m])), accs[m])
+        r = [builder.load(a) for a in accs]
+        folded = builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
+        return _reduce_add_16(builder, folded)
+
+    return sig, codegen
+
+
+@intrinsic
+def fma_row16(typingctx, acc, acc_off, v, v_off, p, n16):
+    """``acc[acc_off + i] = fma(v[v_off + i], p, acc[acc_off + i])`` for i < 16·n16."""
+    if not (_f32_vector(acc) and _f32_vector(v) and p == types.float32):
+        return None
+    sig = types.none(acc, types.intp, v, types.intp, types.float32, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aa, ao, va, vo, pv, count = args
+        splat = builder.insert_element(ir.Constant(_V16, None), pv, ir.Constant(_I32, 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+        with cgutils.for_range(builder, count) as loop:
+            off = builder.mul(loop.index, ir.Constant(count.type, LANES))
+            aptr = _ptr(context, builder, signature.args[0], aa, builder.add(ao, off))
+            vv = builder.load(_ptr(context, builder, signature.args[2], va, builder.add(vo, off)), align=4)
+            builder.store(_fma(builder, vv, splat, builder.load(aptr, align=4)), aptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def reduce_rows16(typingctx, acc, stride, out, out_off, n16):
+    """``out[out_off + e]`` = ``reduce_add_16`` over the 16 rows ``acc[r·stride + e]``, for e < 16·n16."""
+    if not (_f32_vector(acc) and _f32_vector(out)):
+        return None
+    sig = types.none(acc, types.intp, out, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aa, st, oa, oo, count = args
+        with cgutils.for_range(builder, count) as loop:
+            off = builder.mul(loop.index, ir.Constant(count.type, LANES))
+            rows = [
+                builder.load(
+                    _ptr(
+                        context,
+                        builder,
+                        signature.args[0],
+                        aa,
+                        builder.add(off, builder.mul(st, ir.Constant(st.type, r))),
+                    ),
+                    align=4,
+                )
+                for r in range(LANES)
+            ]
+            # the reduce_add_16 tree, lane-wise across rows: a_i = (v_i + v_{i+8}) + (v_{i+4} + v_{i+12})
+            a = [
+                builder.fadd(builder.fadd(rows[i], rows[i + 8]), builder.fadd(rows[i + 4], rows[i + 12]))
+                for i in range(4)
+            ]
+            total = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
+            builder.store(total, _ptr(context, builder, signature.args[2], oa, builder.add(oo, off)), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def attend_head(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch):
+    """One query head ``q[q_off : q_off + head_dim]`` over cache rows 0..n_keys-1 into ``out[out_off:]``, bit
+    for bit ``attention.attention``.
+
+    ``q``, ``k``, ``v``, ``out``: flat float32 arrays; key j of this head is ``k[kv_off + j·kv_stride :
+    + head_dim]`` (same for ``v``); ``scratch`` float32[≥ 16·head_dim + 2·(n_keys + 16)].
+    """
+    n_pad = (n_keys + LANES - 1) // LANES * LANES
+    lanes = scratch[: LANES * head_dim]
+    scores = scratch[LANES * head_dim : LANES * head_dim + n_pad]
+    p = scratch[LANES * head_dim + n_pad : LANES * head_dim + 2 * n_pad]
+    steps = head_dim // VEC_DOT_STEP
+    for j in range(n_keys):
+        row = kv_off + j * kv_stride
+        total = vec_dot_main(k, row, q, q_off, steps)
+        for i in range(steps * VEC_DOT_STEP, head_dim):
+            total = fma_f32(k[row + i], q[q_off + i], total)
+        scores[j] = total
+    softmax_weights(scores, n_keys, scale, p)
+    n16 = head_dim // LANES
+    lanes[:] = np.float32(0.0)
+    for j in range(n_keys):
+        r = j % LANES
+        row = kv_off + j * kv_stride
+        fma_row16(lanes, r * head_dim, v, row, p[j], n16)
+        for e in range(n16 * LANES, head_dim):
+            lanes[r * head_dim + e] = fma_f32(v[row + e], p[j], lanes[r * head_dim + e])
+    reduce_rows16(lanes, head_dim, out, out_off, n16)
+    column = np.empty(LANES, dtype=np.float32)
+    for e in range(n16 * LANES, head_dim):
+        for r in range(LANES):
+            column[r] = lanes[r * head_dim + e]
+        out[out_off + e] = reduce_add_16(column)

@@ -1,0 +1,123 @@
+"""Repacking a model file's ternary linears into the planar layout, once, then from the on-disk cache.
+
+Every linear kind (``attn_q`` … ``ffn_down``) is stacked over the layers (``fused.StackedLinear``): the fused
+forward indexes layers inside one jitted call, and each layer's slice is still a ``PlanarMatrix`` view for the
+step-by-step path. The first load of a model decodes each GGUF tensor, packs it and drops the source pages it
+read (so the file's pages and the packed copy are not resident together); the arrays go to the repack cache
+(``repack_cache.RepackCache``), and later loads memory-map them. Models whose packed weights are below
+``MIN_CACHED_BYTES`` are repacked every time: that takes milliseconds and leaves no files behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+import numpy as np
+from ternary.engine.fused import PLANAR_FIELDS, StackedLinear
+from ternary.engine.planar import LAYOUT_VERSION, PlanarMatrix, aligned_empty
+from ternary.engine.repack_cache import RepackCache
+from ternary.formats.model_file import LINEAR_NAMES, ModelFile
+
+STACK_FORMAT = 1  # names and shapes of the cached stacked arrays; part of the cache key
+MIN_CACHED_BYTES = 8 << 20  # packed ternary bytes below which the cache is not used
+PROGRESS_BYTES = 256 << 20  # a progress bar for repacks of at least this many bytes of ternary tensors
+
+CacheSetting = str | os.PathLike[str] | bool | None  # None: default folder, False: off, a path: that folder
+
+
+def ternary_bytes(mf: ModelFile) -> int:
+    """Bytes of all ternary tensors in the file."""
+    return sum(
+        lin.weight.raw.nbytes for il in range(mf.config.n_layer) for lin in mf.layer(il).linears().values()
+    )
+
+
+def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str, StackedLinear]:
+    """``{"attn_q": StackedLinear, ...}`` for ``mf``, from the repack cache when it holds them."""
+    store = _cache_for(cache, ternary_bytes(mf))
+    if store is None:
+        arrays = repack(mf)
+    else:
+        arrays = store.load_or_build(mf.path, lambda: repack(mf), extra=f"stacked-{STACK_FORMAT}")
+    out = {}
+    for name in LINEAR_NAMES:
+        lins = [mf.layer(il).linears()[name] for il in range(mf.config.n_layer)]
+        has = np.array([lin.scale is not None for lin in lins])
+        scale = np.array([1.0 if lin.scale is None else lin.scale for lin in lins], dtype=np.float32)
+        fields = {f: arrays[f"{name}.{f}"] for f in PLANAR_FIELDS}
+        out[name] = StackedLinear(**fields, scale=scale, has_scale=has, n_out=lins[0].shape[0])
+    return out
+
+
+def _cache_for(setting: CacheSetting, nbytes: int) -> RepackCache | None:
+    if setting is False or (setting is None and nbytes < MIN_CACHED_BYTES):
+        return None
+    directory = None if setting is None or setting is True else Path(setting)
+    return RepackCache(directory, layout_version=LAYOUT_VERSION)
+
+
+def repack(mf: ModelFile) -> dict[str, np.ndarray]:
+    """The planar arrays of every linear kind, stacked over layers: ``"<kind>.<field>"`` → array."""
+    n_layer = mf.config.n_layer
+    total = ternary_bytes(mf)
+    arrays: dict[str, np.ndarray] = {}
+    with _progress(
+        total, f"repacking {os.path.basename(mf.path)} ({total / 2**20:.0f} MiB of ternary weights)"
+    ) as bar:
+        for name in LINEAR_NAMES:
+            for il in range(n_layer):
+                weight = mf.layer(il).linears()[name].weight
+                m = PlanarMatrix.from_codes(*mf.ternary_codes(mf.layer(il).linears()[name]))
+                if il == 0:
+                    for f, a in m.to_arrays().items():
+                        if f in PLANAR_FIELDS:
+                            arrays[f"{name}.{f}"] = _stacked_empty(n_layer, a)
+                for f, a in m.to_arrays().items():
+                    if f in PLANAR_FIELDS:
+                        arrays[f"{name}.{f}"][il] = a
+                del m
+                release_pages(weight.raw)
+                bar(weight.raw.nbytes)
+    return arrays
+
+
+def _stacked_empty(n_layer: int, like: np.ndarray) -> np.ndarray:
+    """An array of ``n_layer`` copies of ``like``'s shape; byte buffers start 128-byte aligned."""
+    if like.dtype == np.uint8 and like.ndim == 1:
+        return aligned_empty(n_layer * like.nbytes).reshape(n_layer, like.size)
+    return np.empty((n_layer, *like.shape), dtype=like.dtype)
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator:
+    """``update(nbytes)`` for a progress bar on stderr, shown only for large repacks."""
+    if total < PROGRESS_BYTES:
+        yield lambda n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, width=30) as bar:
+        yield bar.update
+
+
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Drop the resident pages of a read-only file mapping under ``view`` (the file is re-read if touched
+    again): the repack reads each GGUF tensor once, and its pages would otherwise count towards the
+    process's memory next to the packed copy. Best effort: nothing happens where madvise is unavailable."""
+    if _MADV_DONTNEED is None or view.nbytes == 0 or view.flags.writeable:
+        return
+    page = mmap.PAGESIZE
+    start = view.ctypes.data
+    first = -(-start // page) * page  # whole pages inside the view only: neighbours may be in use
+    last = (start + view.nbytes) // page * page
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
