@@ -26,19 +26,20 @@ Float order (integer parts are exact on every path, so every path gives the same
 * Q6_K: per 256-block ``isum = Σ_16-blocks scale·Σ (q−32)·x`` (int32), then ``acc = fma(f32(isum)·d_w, d_x,
   acc)`` block after block. llama.cpp's logits of the Q6_K oracle model (K = 256, one block per row) are
   ``(f32(isum)·d_w)·d_x`` bit for bit (the engine's reference ``(d_w·d_x)·isum`` matches 66% of them);
-  the FMA that chains blocks is this module's choice (what GCC makes of ``sum += isum*d_w*d_x``): no oracle
-  has more than one Q6_K block per row.
+  the FMA that chains blocks is this module's choice (what C's ``sum += isum * d_w * d_x`` becomes under
+  GCC's default FP contraction): no oracle has more than one Q6_K block per row.
 * Q8_0: llama.cpp's (vec_dot and tinyBLAS agree): 8 float lanes, lane j takes elements 4j..4j+3 of every
-  32-block as ``fma(f32(lane_isum), d_w·d_x, acc_j)``, then ``((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))``.
+  32-block as ``fma(f32(lane_isum), d_w·d_x, acc_j)`` (the product of two fp16 scales is exact), then
+  ``hsum_float_8``: ``((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))``.
 * F16: tinyBLAS's: 16 float lanes, element k into lane k % 16 (F16×F16 products are exact in float32, so FMA
   and multiply-add agree), then ``_mm512_reduce_add_ps`` (``attention.reduce_add_16``); a tail of K % 16
   elements (no llama.cpp head has one) is added after, in order.
 
 Q6_K block (210 bytes, 256 values): ql[128], qh[64], int8 scales[16], fp16 d; value e = 128h + 32v + i
-(h, v < 2·2, i < 32) has the low nibble of ql[64h + 32(v%2) + i] (v < 2: low, else high nibble) and bits 2v of
-qh[32h + i] on top: q = nibble | (bits << 4), weight = d·scales[e/16]·(q − 32). The SIMD kernels feed the
-unsigned q to ``pmaddubsw`` (pairs of q·x, exact in int16) and ``pmaddwd`` with the sub-block scales, and take
-the −32 off once per block through ``bsums``.
+(h < 2, v < 4, i < 32) takes a nibble of ql[64h + 32(v % 2) + i] (the low one for v < 2, else the high one)
+and bits 2v, 2v+1 of qh[32h + i] on top: q = nibble | (bits << 4), weight = d·scales[e / 16]·(q − 32). The
+SIMD kernels feed the unsigned q to ``pmaddubsw`` (pairs of q·x, exact in int16) and ``pmaddwd`` with the
+sub-block scales, and take the −32 off once per block through ``bsums``.
 """
 
 from __future__ import annotations
