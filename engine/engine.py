@@ -157,6 +157,13 @@ class Engine:
             self.eval_batch([0], [2], [0])
         self.reset_slot(0)
 
+    def set_threads(self, threads: int | None, decode_threads: int | None = None) -> None:
+        """Thread counts for the next ``eval_batch`` calls (``decode_threads`` None: as ``threads``)."""
+        self.threads = thread_count(threads)
+        self.decode_threads = (
+            thread_count(decode_threads, "decode_threads") if decode_threads else self.threads
+        )
+
     # ------------------------------------------------------------------ slot API (continuous batching)
 
     @property

@@ -27,14 +27,10 @@ import numpy as np
 from numba import njit, prange
 from ternary.engine.attention import LANES
 from ternary.engine.attention import apply_rope as rope_rows
-from ternary.engine.kernels import (
-    gated_ffn,
-    quantize_per_token_rows,
-    quantize_q8k_rows,
-    rms_norm_rows,
-)
+from ternary.engine.kernels import quantize_per_token_rows, quantize_q8k_rows, rms_norm_rows
 from ternary.engine.kernels_attention import attend_head
 from ternary.engine.kernels_fast import activation_sums, planar_chunk_groups, planar_matmul_groups
+from ternary.engine.kernels_ffn import gate_rows
 from ternary.engine.kernels_q8k import LANES as Q8K_LANES
 from ternary.engine.kernels_q8k import lane_sums, q8k_matmul_groups
 from ternary.engine.simd import BLOCK, ROW_GROUP, tile_tokens
@@ -115,7 +111,20 @@ def _linear_groups(isa, q8k, w, il, g0, g1, xq, xs, sums, block_sums, token_sums
     packed, group_scales, row_scales, group_uniform, scale = w
     n_out = out.shape[1]
     if q8k:
-        q8k_matmul_groups(isa, g0, g1, packed[il], group_scales[il], n_out, xq, sums, xs, out)
+        q8k_matmul_groups(
+            isa,
+            g0,
+            g1,
+            packed[il],
+            group_scales[il],
+            row_scales[il],
+            group_uniform[il],
+            n_out,
+            xq,
+            sums,
+            xs,
+            out,
+        )
     else:
         planar_matmul_groups(
             isa, g0, g1, packed[il], group_scales[il], row_scales[il], group_uniform[il], n_out,
@@ -266,8 +275,7 @@ def forward_layers(
             g0, g1 = c * cf, min(c * cf + cf, gf)
             _linear_groups(isa, q8k, w_gate, il, g0, g1, hq, hs, h_sums, h_bsums, h_tsums, g)
             _linear_groups(isa, q8k, w_up, il, g0, g1, hq, hs, h_sums, h_bsums, h_tsums, u)
-            n0, n1 = g0 * ROW_GROUP, min(g1 * ROW_GROUP, n_ff)
-            gated_ffn(g[:, n0:n1], u[:, n0:n1], relu2, f[:, n0:n1])
+            gate_rows(g, u, relu2, f, g0 * ROW_GROUP, min(g1 * ROW_GROUP, n_ff))
 
         # ---- sub-norm, down projection, residual
         if many:

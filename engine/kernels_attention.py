@@ -13,6 +13,7 @@ matmuls of a small model's decode step. The intrinsics here emit the same float 
 * ``reduce_rows16(acc, stride, out, out_off, n16)``: ``out[out_off + e] = reduce_add_16(acc[r·stride + e]
   for r < 16)`` for e < 16·n16.
 
+``softmax16`` is ``attention.softmax_weights`` with a vectorisable ``expf`` (``kernels_ffn``), and
 ``attend_head`` combines them into one (token, head) of causal attention over a slot's cache rows.
 """
 
@@ -23,8 +24,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from ternary.engine.attention import LANES, VEC_DOT_STEP, reduce_add_16, softmax_weights
+from ternary.engine.attention import LANES, VEC_DOT_STEP, reduce_add_16
 from ternary.engine.kernels import fma_f32
+from ternary.engine.kernels_ffn import expf
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
@@ -147,6 +149,28 @@ def reduce_rows16(typingctx, acc, stride, out, out_off, n16):
     return sig, codegen
 
 
+@njit(cache=True, error_model="numpy")
+def softmax16(scores, n_keys, scale, out):
+    """``attention.softmax_weights``, bit for bit: ``out`` holds n_keys rounded up to 16 (tail set to 0)."""
+    vmax = np.float32(-np.inf)
+    for j in range(n_keys):
+        scores[j] = scores[j] * scale
+        vmax = max(vmax, scores[j])
+    for j in range(n_keys):
+        out[j] = expf(scores[j] - vmax)
+    out[n_keys:] = np.float32(0.0)
+    total = 0.0  # ggml_float: each group of 16 is summed in float32, the groups in float64
+    for g0 in range(0, out.shape[0], LANES):
+        a0 = (out[g0] + out[g0 + 8]) + (out[g0 + 4] + out[g0 + 12])
+        a1 = (out[g0 + 1] + out[g0 + 9]) + (out[g0 + 5] + out[g0 + 13])
+        a2 = (out[g0 + 2] + out[g0 + 10]) + (out[g0 + 6] + out[g0 + 14])
+        a3 = (out[g0 + 3] + out[g0 + 11]) + (out[g0 + 7] + out[g0 + 15])
+        total += np.float64((a0 + a2) + (a1 + a3))
+    inv = np.float32(1.0 / total)
+    for j in range(n_keys):
+        out[j] = out[j] * inv
+
+
 @njit(cache=True)
 def attend_head(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch):
     """One query head ``q[q_off : q_off + head_dim]`` over cache rows 0..n_keys-1 into ``out[out_off:]``, bit
@@ -166,7 +190,7 @@ def attend_head(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out,
         for i in range(steps * VEC_DOT_STEP, head_dim):
             total = fma_f32(k[row + i], q[q_off + i], total)
         scores[j] = total
-    softmax_weights(scores, n_keys, scale, p)
+    softmax16(scores, n_keys, scale, p)
     n16 = head_dim // LANES
     lanes[:] = np.float32(0.0)
     for j in range(n_keys):

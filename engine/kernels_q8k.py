@@ -17,9 +17,11 @@ planar bytes with the integer tile of ``simd.tile_acc_dot``:
 Entry points (plain arrays and an ISA marker from ``simd.ISAS``; callable from jitted code):
 
 * ``lane_sums(xq, out)``: ``out[t, b, j] = Σ xq[t, 256b + 32j : 256b + 32j + 32]``;
-* ``q8k_matmul_groups(isa, g0, g1, packed, group_scales, n_out, xq, sums, x_scale, out)``: row groups
+* ``q8k_matmul_groups(isa, g0, g1, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale,
+  out)``: row groups
   [g0, g1) of a ``PlanarMatrix`` for every token, serial (for callers that own their ``prange``);
-* ``q8k_matmul(isa, packed, group_scales, n_out, xq, sums, x_scale, out)``: all rows, parallel over chunks of
+* ``q8k_matmul(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale, out)``: all
+  rows, parallel over chunks of
   row groups.
 
 The generic (no SIMD) path computes the same lanes with scalar code, so every path gives the same bits.
@@ -268,8 +270,9 @@ def _generic(isa) -> bool:
 
 
 @njit(cache=True)
-def _generic_tile(g, t0, packed, scales, n_out, x, k, sums, xs, out):
+def _generic_tile(g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out):
     n_blocks = k // BLOCK
+    w, w_base, w_step = _weight_scales(g, n_blocks, scales, row_scales, group_uniform)
     lanes = np.empty((ROW_GROUP, LANES), dtype=np.int32)
     acc = np.zeros((ROW_GROUP, LANES), dtype=np.float32)
     for b in range(n_blocks):
@@ -277,7 +280,7 @@ def _generic_tile(g, t0, packed, scales, n_out, x, k, sums, xs, out):
         generic_group_q8k(packed, offset, x, t0 * k + b * BLOCK, lanes)
         xscale = xs[t0 * n_blocks + b]
         for r in range(ROW_GROUP):
-            d = xscale * scales[(g * n_blocks + b) * ROW_GROUP + r]
+            d = xscale * w[w_base + b * w_step + r]
             for j in range(LANES):
                 lane = lanes[r, j] - sums[(t0 * n_blocks + b) * LANES + j]
                 acc[r, j] = fma_f32(np.float32(lane), d, acc[r, j])
@@ -288,16 +291,27 @@ def _generic_tile(g, t0, packed, scales, n_out, x, k, sums, xs, out):
             out[t0, n] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 
 
-def tile_q8k(isa, g, t0, packed, scales, n_out, x, k, sums, xs, out):
+@njit(cache=True, inline="always")
+def _weight_scales(g, n_blocks, scales, row_scales, group_uniform):
+    """(array, base, step per block) of row group ``g``'s weight scales: its rows' single scales when the
+    group is uniform (the per-block copies then stay untouched: less to stream, less resident), else its
+    blocks'."""
+    if group_uniform[g] != 0:
+        return row_scales, g * ROW_GROUP, 0
+    return scales, g * n_blocks * ROW_GROUP, ROW_GROUP
+
+
+def tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out):
     """All outputs of row group ``g`` × the tile's tokens from ``t0`` (``scales``/``x``/``sums``/``xs``
     flat)."""
     raise NotImplementedError("only callable from jitted code")
 
 
 @njit(cache=True, inline="always")
-def _simd_tile(isa, g, t0, packed, scales, n_out, x, k, sums, xs, out):
+def _simd_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out):
     tokens = tile_tokens(isa)
     n_blocks = k // BLOCK
+    w, w_base, w_step = _weight_scales(g, n_blocks, scales, row_scales, group_uniform)
     group_offset = g * n_blocks * GROUP_BLOCK_BYTES
     facc = q8k_facc_zero(isa)
     for b in range(n_blocks):
@@ -305,7 +319,7 @@ def _simd_tile(isa, g, t0, packed, scales, n_out, x, k, sums, xs, out):
         prefetch_bytes(packed, offset + PREFETCH_BYTES, GROUP_BLOCK_BYTES)
         acc = tile_acc_dot(isa, tile_acc_zero(isa), packed, offset, x, t0 * k + b * BLOCK, k)
         facc = q8k_facc_fma(
-            facc, acc, scales, (g * n_blocks + b) * ROW_GROUP, xs, t0 * n_blocks + b, n_blocks,
+            facc, acc, w, w_base + b * w_step, xs, t0 * n_blocks + b, n_blocks,
             sums, (t0 * n_blocks + b) * LANES, n_blocks * LANES,
         )  # fmt: skip
     values = q8k_facc_values(facc)
@@ -317,18 +331,20 @@ def _simd_tile(isa, g, t0, packed, scales, n_out, x, k, sums, xs, out):
 
 
 @overload(tile_q8k, inline="always")
-def _tile_q8k(isa, g, t0, packed, scales, n_out, x, k, sums, xs, out):
+def _tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out):
     if _generic(isa):
-        return lambda isa, g, t0, packed, scales, n_out, x, k, sums, xs, out: _generic_tile(
-            g, t0, packed, scales, n_out, x, k, sums, xs, out
+        return lambda isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out: (
+            _generic_tile(g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out)
         )
-    return lambda isa, g, t0, packed, scales, n_out, x, k, sums, xs, out: _simd_tile(
-        isa, g, t0, packed, scales, n_out, x, k, sums, xs, out
+    return lambda isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out: (
+        _simd_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out)
     )
 
 
 @njit(cache=True, inline="always")
-def q8k_matmul_groups(isa, g0, g1, packed, group_scales, n_out, xq, sums, x_scale, out):
+def q8k_matmul_groups(
+    isa, g0, g1, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale, out
+):
     """Outputs of row groups [g0, g1) for every token (serial).
 
     ``packed``/``group_scales`` of a ``PlanarMatrix``; ``xq`` int8[T, K] C-contiguous; ``sums``
@@ -344,14 +360,14 @@ def q8k_matmul_groups(isa, g0, g1, packed, group_scales, n_out, xq, sums, x_scal
     t_full = n_tok - n_tok % tokens
     for t0 in range(0, t_full, tokens):
         for g in range(g0, g1):
-            tile_q8k(isa, g, t0, packed, scales, n_out, x, k, flat_sums, xs, out)
+            tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, flat_sums, xs, out)
     for t0 in range(t_full, n_tok):
         for g in range(g0, g1):
-            tile_q8k(one, g, t0, packed, scales, n_out, x, k, flat_sums, xs, out)
+            tile_q8k(one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, flat_sums, xs, out)
 
 
 @njit(cache=True, parallel=True)
-def q8k_matmul(isa, packed, group_scales, n_out, xq, sums, x_scale, out):
+def q8k_matmul(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale, out):
     """``q8k_matmul_groups`` over every row group, parallel over chunks of groups."""
     n_groups = group_scales.shape[0]
     chunk = planar_chunk_groups(isa, xq.shape[0], xq.shape[1])
@@ -362,6 +378,8 @@ def q8k_matmul(isa, packed, group_scales, n_out, xq, sums, x_scale, out):
             min(c * chunk + chunk, n_groups),
             packed,
             group_scales,
+            row_scales,
+            group_uniform,
             n_out,
             xq,
             sums,

@@ -46,6 +46,8 @@ def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str,
         arrays = repack(mf)
     else:
         arrays = store.load_or_build(mf.path, lambda: repack(mf), extra=f"stacked-{STACK_FORMAT}")
+        for name in LINEAR_NAMES:  # read only for groups with per-block scales: let the rest leave memory
+            release_pages(arrays[f"{name}.group_scales"], unmodified=True)
     out = {}
     for name in LINEAR_NAMES:
         lins = [mf.layer(il).linears()[name] for il in range(mf.config.n_layer)]
@@ -108,11 +110,15 @@ def _progress(total: int, label: str) -> Iterator:
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 
-def release_pages(view: np.ndarray) -> None:
-    """Drop the resident pages of a read-only file mapping under ``view`` (the file is re-read if touched
-    again): the repack reads each GGUF tensor once, and its pages would otherwise count towards the
-    process's memory next to the packed copy. Best effort: nothing happens where madvise is unavailable."""
-    if _MADV_DONTNEED is None or view.nbytes == 0 or view.flags.writeable:
+def release_pages(view: np.ndarray, unmodified: bool = False) -> None:
+    """Drop the resident pages of a file mapping under ``view``; they are read from the file again if touched.
+
+    The repack reads each GGUF tensor once, and its pages would otherwise count towards the process's memory
+    next to the packed copy. Writable (copy-on-write) views are released only when the caller vouches they
+    were never written (``unmodified``): dropping a written private page would lose the write. Best effort:
+    nothing happens where madvise is unavailable.
+    """
+    if _MADV_DONTNEED is None or view.nbytes == 0 or (view.flags.writeable and not unmodified):
         return
     page = mmap.PAGESIZE
     start = view.ctypes.data

@@ -113,7 +113,16 @@ class PlanarQ8KMatrix(PlanarMatrix):
         sums = np.empty((n_tok, n_blocks, kernels.Q8K_LANES), dtype=np.int32)
         lane_sums(xq, sums)
         q8k_matmul(
-            simd.ISAS[self.kernels], self.packed, self.group_scales, self.n_out, xq, sums, x_scale, out
+            simd.ISAS[self.kernels],
+            self.packed,
+            self.group_scales,
+            self.row_scales,
+            self.group_uniform,
+            self.n_out,
+            xq,
+            sums,
+            x_scale,
+            out,
         )
         return out
 
