@@ -80,22 +80,9 @@ class StackedLinear:
 
 
 @njit(cache=True)
-def _quantize_row(q8k, x, xq, xs, sums, block_sums, token_sums, t):
-    """Quantize row ``t`` of ``x`` and compute the sums its matmuls need (lane sums or block/token sums)."""
-    if q8k:
-        quantize_q8k_rows(x[t : t + 1], xq[t : t + 1], xs[t : t + 1])
-        lane_sums(xq[t : t + 1], sums[t : t + 1])
-    else:
-        quantize_per_token_rows(x[t : t + 1], xq[t : t + 1], xs[t : t + 1])
-        b, s = activation_sums(xq[t : t + 1])
-        block_sums[t] = b[0]
-        token_sums[t] = s[0]
-
-
-@njit(cache=True)
 def _quantized(q8k, n_tok, k):
-    """Empty activation buffers for ``n_tok`` rows of length ``k``: (xq, x_scale, lane sums, block sums,
-    token sums)."""
+    """Activation buffers for ``n_tok`` rows of length ``k``: (int8 values, scales, llama.cpp's lane sums,
+    block sums, token sums); which sums are filled depends on the scales (see ``_lane_order``)."""
     nb = k // BLOCK
     xq = np.empty((n_tok, k), dtype=np.int8)
     xs = np.empty((n_tok, nb if q8k else 1), dtype=np.float32)
@@ -105,12 +92,44 @@ def _quantized(q8k, n_tok, k):
     return xq, xs, sums, block_sums, token_sums
 
 
+@njit(cache=True, inline="always")
+def _lane_order(act):
+    """Activation blocks of 256 take llama.cpp's lane-order kernel (``TernaryMatrix``'s rule, so both layouts
+    agree bit for bit); other scales (one per token) take the planar integer-only kernels."""
+    xq, xs = act[0], act[1]
+    return xs.shape[1] * BLOCK == xq.shape[1]
+
+
 @njit(cache=True)
-def _linear_groups(isa, q8k, w, il, g0, g1, xq, xs, sums, block_sums, token_sums, out):
-    """Row groups [g0, g1) of layer ``il`` of the stacked linear ``w``, times its scale."""
-    packed, group_scales, row_scales, group_uniform, scale = w
-    n_out = out.shape[1]
+def _row_in(t, src, residual, add_residual, norm, normalize, eps, dst, q8k, act):
+    """Row ``t`` of a matmul input: ``src += residual`` (if ``add_residual``), ``dst = rms_norm(src)`` (if
+    ``normalize``; else ``dst`` is ``src``), then quantized into ``act`` with the sums its kernel needs."""
+    if add_residual:
+        for e in range(src.shape[1]):
+            src[t, e] = src[t, e] + residual[t, e]
+    if normalize:
+        rms_norm_rows(src[t : t + 1], norm, eps, dst[t : t + 1])
+    xq, xs, sums, block_sums, token_sums = act
     if q8k:
+        quantize_q8k_rows(dst[t : t + 1], xq[t : t + 1], xs[t : t + 1])
+    else:
+        quantize_per_token_rows(dst[t : t + 1], xq[t : t + 1], xs[t : t + 1])
+    if _lane_order(act):
+        lane_sums(xq[t : t + 1], sums[t : t + 1])
+    else:
+        b, s = activation_sums(xq[t : t + 1])
+        block_sums[t] = b[0]
+        token_sums[t] = s[0]
+
+
+@njit(cache=True)
+def _linear_groups(isa, w, il, g0, g1, act, out):
+    """Row groups [g0, g1) of layer ``il`` of the stacked linear ``w`` on the activations ``act``, times its
+    scale."""
+    packed, group_scales, row_scales, group_uniform, scale = w
+    xq, xs, sums, block_sums, token_sums = act
+    n_out = out.shape[1]
+    if _lane_order(act):
         q8k_matmul_groups(
             isa,
             g0,
@@ -188,9 +207,9 @@ def forward_layers(
     g = np.empty((n_tok, n_ff), dtype=np.float32)
     u = np.empty((n_tok, n_ff), dtype=np.float32)
     f = np.empty((n_tok, n_ff), dtype=np.float32)
-    hq, hs, h_sums, h_bsums, h_tsums = _quantized(q8k, n_tok, n_embd)
-    aq, a_s, a_sums, a_bsums, a_tsums = _quantized(q8k, n_tok, n_q)
-    fq, fs, f_sums, f_bsums, f_tsums = _quantized(q8k, n_tok, n_ff)
+    act_h = _quantized(q8k, n_tok, n_embd)
+    act_a = _quantized(q8k, n_tok, n_q)
+    act_f = _quantized(q8k, n_tok, n_ff)
 
     gq, gk, gv, go = wq[3].shape[1], wk[3].shape[1], wv[3].shape[1], wo[3].shape[1]
     gf, gd = w_gate[3].shape[1], w_down[3].shape[1]
@@ -200,27 +219,28 @@ def forward_layers(
     cf = _chunk_groups(isa, n_tok, n_embd, 2 * gf, n_threads)
     cd = _chunk_groups(isa, n_tok, n_ff, gd, n_threads)
     no, nf, nd = -(-go // co), -(-gf // cf), -(-gd // cd)
+    n_ctx = k_cache.shape[2]
 
     for il in range(n_layer):
-        # ---- attention block: norm, quantize once, Q/K/V in one parallel region
+        sub_a = attn_sub_norm[il % attn_sub_norm.shape[0]]  # (a 1-row placeholder when there are none)
+        sub_f = ffn_sub_norm[il % ffn_sub_norm.shape[0]]
+        # ---- attention: norm, quantize once, Q/K/V in one parallel region, RoPE, KV write, attention
         if many:
             for t in prange(n_tok):
-                rms_norm_rows(x[t : t + 1], attn_norm[il], eps, h[t : t + 1])
-                _quantize_row(q8k, h, hq, hs, h_sums, h_bsums, h_tsums, t)
+                _row_in(t, x, o, False, attn_norm[il], True, eps, h, q8k, act_h)
         else:
             for t in range(n_tok):
-                rms_norm_rows(x[t : t + 1], attn_norm[il], eps, h[t : t + 1])
-                _quantize_row(q8k, h, hq, hs, h_sums, h_bsums, h_tsums, t)
+                _row_in(t, x, o, False, attn_norm[il], True, eps, h, q8k, act_h)
         for c in prange(nq + nk + nv):
             if c < nq:
                 c0 = c * c_qkv
-                _linear_groups(isa, q8k, wq, il, c0, min(c0 + c_qkv, gq), hq, hs, h_sums, h_bsums, h_tsums, q)
+                _linear_groups(isa, wq, il, c0, min(c0 + c_qkv, gq), act_h, q)
             elif c < nq + nk:
                 c0 = (c - nq) * c_qkv
-                _linear_groups(isa, q8k, wk, il, c0, min(c0 + c_qkv, gk), hq, hs, h_sums, h_bsums, h_tsums, k)
+                _linear_groups(isa, wk, il, c0, min(c0 + c_qkv, gk), act_h, k)
             else:
                 c0 = (c - nq - nk) * c_qkv
-                _linear_groups(isa, q8k, wv, il, c0, min(c0 + c_qkv, gv), hq, hs, h_sums, h_bsums, h_tsums, v)
+                _linear_groups(isa, wv, il, c0, min(c0 + c_qkv, gv), act_h, v)
         rope_rows(q, cos, sin, n_head, head_dim, rope_dim, rope_neox)
         rope_rows(k, cos, sin, n_head_kv, head_dim, rope_dim, rope_neox)
         for t in range(n_tok):
@@ -230,7 +250,6 @@ def forward_layers(
                     v_cache[il, slots[t], positions[t], kh, e] = v[t, kh * head_dim + e]
         kc = k_cache[il].reshape(k_cache[il].size)
         vc = v_cache[il].reshape(v_cache[il].size)
-        n_ctx = k_cache.shape[2]
         for th in prange(n_tok * n_head):
             t = th // n_head
             hh = th % n_head
@@ -242,56 +261,38 @@ def forward_layers(
                 a_flat, t * n_q + hh * head_dim, scratch,
             )  # fmt: skip
 
-        # ---- sub-norm, O projection, residual
+        # ---- sub-norm, O projection
         if many:
             for t in prange(n_tok):
-                if has_sub_norms:
-                    rms_norm_rows(a[t : t + 1], attn_sub_norm[il], eps, a[t : t + 1])
-                _quantize_row(q8k, a, aq, a_s, a_sums, a_bsums, a_tsums, t)
+                _row_in(t, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
         else:
             for t in range(n_tok):
-                if has_sub_norms:
-                    rms_norm_rows(a[t : t + 1], attn_sub_norm[il], eps, a[t : t + 1])
-                _quantize_row(q8k, a, aq, a_s, a_sums, a_bsums, a_tsums, t)
+                _row_in(t, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
         for c in prange(no):
-            _linear_groups(
-                isa, q8k, wo, il, c * co, min(c * co + co, go), aq, a_s, a_sums, a_bsums, a_tsums, o
-            )
+            _linear_groups(isa, wo, il, c * co, min(c * co + co, go), act_a, o)
 
         # ---- residual, FFN norm, gate/up with the activation applied per chunk
         if many:
             for t in prange(n_tok):
-                for e in range(n_embd):
-                    x[t, e] = x[t, e] + o[t, e]
-                rms_norm_rows(x[t : t + 1], ffn_norm[il], eps, h[t : t + 1])
-                _quantize_row(q8k, h, hq, hs, h_sums, h_bsums, h_tsums, t)
+                _row_in(t, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
         else:
             for t in range(n_tok):
-                for e in range(n_embd):
-                    x[t, e] = x[t, e] + o[t, e]
-                rms_norm_rows(x[t : t + 1], ffn_norm[il], eps, h[t : t + 1])
-                _quantize_row(q8k, h, hq, hs, h_sums, h_bsums, h_tsums, t)
+                _row_in(t, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
         for c in prange(nf):
             g0, g1 = c * cf, min(c * cf + cf, gf)
-            _linear_groups(isa, q8k, w_gate, il, g0, g1, hq, hs, h_sums, h_bsums, h_tsums, g)
-            _linear_groups(isa, q8k, w_up, il, g0, g1, hq, hs, h_sums, h_bsums, h_tsums, u)
+            _linear_groups(isa, w_gate, il, g0, g1, act_h, g)
+            _linear_groups(isa, w_up, il, g0, g1, act_h, u)
             gate_rows(g, u, relu2, f, g0 * ROW_GROUP, min(g1 * ROW_GROUP, n_ff))
 
         # ---- sub-norm, down projection, residual
         if many:
             for t in prange(n_tok):
-                if has_sub_norms:
-                    rms_norm_rows(f[t : t + 1], ffn_sub_norm[il], eps, f[t : t + 1])
-                _quantize_row(q8k, f, fq, fs, f_sums, f_bsums, f_tsums, t)
+                _row_in(t, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
         else:
             for t in range(n_tok):
-                if has_sub_norms:
-                    rms_norm_rows(f[t : t + 1], ffn_sub_norm[il], eps, f[t : t + 1])
-                _quantize_row(q8k, f, fq, fs, f_sums, f_bsums, f_tsums, t)
+                _row_in(t, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
         for c in prange(nd):
-            _linear_groups(
-                isa, q8k, w_down, il, c * cd, min(c * cd + cd, gd), fq, fs, f_sums, f_bsums, f_tsums, o
-            )
+            _linear_groups(isa, w_down, il, c * cd, min(c * cd + cd, gd), act_f, o)
         for t in range(n_tok):
             for e in range(n_embd):
                 x[t, e] = x[t, e] + o[t, e]
