@@ -57,7 +57,7 @@ def _count(n: int) -> str:
 
 
 @dataclass
-class TestResult:
+class BenchResult:
     """One test (``pp<N>`` or ``tg<N>``) at one thread count: its repetitions in nanoseconds."""
 
     model: ModelInfo
@@ -151,7 +151,7 @@ def run_benchmarks(
     repetitions: int,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> list[TestResult]:
+) -> list[BenchResult]:
     """Every (threads, test) pair: one warm-up run, then ``repetitions`` timed runs."""
     rng = np.random.default_rng(seed)
     backend = f"CPU numba {engine.model.isa.name}"
@@ -167,7 +167,7 @@ def run_benchmarks(
         for n_prompt, n_gen in tests:
             tokens = rng.integers(0, engine.n_vocab, size=n_prompt or n_gen).astype(np.int32)
             run = prompt_test(engine, tokens) if n_prompt else generation_test(engine, tokens)
-            res = TestResult(model, backend, t, n_prompt, n_gen, extra=dict(extra))
+            res = BenchResult(model, backend, t, n_prompt, n_gen, extra=dict(extra))
             if progress:
                 progress(f"{res.name}, {t} thread(s): warm-up + {repetitions} runs")
             run()
@@ -179,7 +179,7 @@ def run_benchmarks(
 # ---------------------------------------------------------------- output
 
 
-def markdown_table(results: Sequence[TestResult]) -> str:
+def markdown_table(results: Sequence[BenchResult]) -> str:
     """llama-bench's table: | model | size | params | backend | threads | test | t/s |."""
     header = ("model", "size", "params", "backend", "threads", "test", "t/s")
     rows = []
@@ -217,7 +217,7 @@ def markdown_table(results: Sequence[TestResult]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def render(results: Sequence[TestResult], output: str) -> str:
+def render(results: Sequence[BenchResult], output: str) -> str:
     if output == "md":
         return markdown_table(results)
     if output == "json":
