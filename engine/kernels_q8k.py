@@ -107,6 +107,14 @@ def _element_ptr(context, builder, aty, arr, index) -> ir.Value:
     return builder.gep(data, [index])
 
 
+def _spread(builder, values: list) -> ir.Value:
+    """A float vector holding ``values[q]`` in lanes 8q .. 8q+7."""
+    vec = ir.Constant(ir.VectorType(_F32, len(values)), None)
+    for q, v in enumerate(values):
+        vec = builder.insert_element(vec, v, ir.Constant(_I32, q))
+    return builder.shuffle_vector(vec, vec, _indices([q for q in range(len(values)) for _ in range(LANES)]))
+
+
 def _row_lanes(builder, isa: IsaType, acc_v) -> list[ir.Value]:
     """The tile's integer lanes per (row, token), index ``r·tokens + j`` (vectors of ``isa.lanes`` int32).
 
@@ -203,11 +211,10 @@ def q8k_facc_fma(typingctx, facc, acc, w, w_offset, xs, xs_offset, xs_stride, su
                     list(range(2 * LANES))
                 ))  # fmt: skip
             isum = builder.sub(lanes, corr)
-            d = ir.Constant(fvec, None)
-            for q, item in enumerate(items):
-                scale = builder.fmul(xs_vals[item % tokens], w_vals[item // tokens])
-                for i in range(LANES):
-                    d = builder.insert_element(d, scale, ir.Constant(_I32, q * LANES + i))
+            # d = x_scale · w_scale per output, spread over its 8 lanes: one vector multiply
+            xs_lanes = _spread(builder, [xs_vals[item % tokens] for item in items])
+            w_lanes = _spread(builder, [w_vals[item // tokens] for item in items])
+            d = builder.fmul(xs_lanes, w_lanes)
             prev = builder.extract_value(out, p)
             out = builder.insert_value(out, builder.call(fma, [builder.sitofp(isum, fvec), d, prev]), p)
         return out
