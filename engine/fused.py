@@ -37,7 +37,7 @@ from ternary.engine.simd import BLOCK, ROW_GROUP, tile_tokens
 from ternary.engine.weights import PlanarQ8KMatrix
 
 WORK_ITEMS_PER_THREAD = 4  # decode: parallel work items per thread in a matmul region
-PARALLEL_ROWS_MIN = 4  # below this many tokens, row-wise steps (norms, quantizers) run on the calling thread
+ROWS_PER_ITEM = 8  # row-wise steps (residual, norm, quantizer) take rows 8 at a time
 PLANAR_FIELDS = ("packed", "group_scales", "row_scales", "group_uniform")
 
 
@@ -101,25 +101,58 @@ def _lane_order(act):
 
 
 @njit(cache=True)
-def _row_in(t, src, residual, add_residual, norm, normalize, eps, dst, q8k, act):
-    """Row ``t`` of a matmul input: ``src += residual`` (if ``add_residual``), ``dst = rms_norm(src)`` (if
-    ``normalize``; else ``dst`` is ``src``), then quantized into ``act`` with the sums its kernel needs."""
+def rms_norm_8(x, t0, t1, weight, eps, out):
+    """``kernels.rms_norm_rows`` on rows [t0, t1) (at most 8), bit for bit, with the rows' float64 sums of
+    squares interleaved: each sum is one sequential chain of adds (latency-bound); 8 chains run side by
+    side. One row alone goes straight to ``rms_norm_rows``."""
+    if t1 - t0 == 1:
+        rms_norm_rows(x[t0:t1], weight, eps, out[t0:t1])
+        return
+    last = t1 - 1  # rows past the end repeat the last one (their sums are not used)
+    r0, r1, r2, r3 = t0, min(t0 + 1, last), min(t0 + 2, last), min(t0 + 3, last)
+    r4, r5, r6, r7 = min(t0 + 4, last), min(t0 + 5, last), min(t0 + 6, last), min(t0 + 7, last)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    for j in range(x.shape[1]):
+        v0, v1, v2, v3 = x[r0, j], x[r1, j], x[r2, j], x[r3, j]
+        v4, v5, v6, v7 = x[r4, j], x[r5, j], x[r6, j], x[r7, j]
+        s0 += np.float64(v0 * v0)
+        s1 += np.float64(v1 * v1)
+        s2 += np.float64(v2 * v2)
+        s3 += np.float64(v3 * v3)
+        s4 += np.float64(v4 * v4)
+        s5 += np.float64(v5 * v5)
+        s6 += np.float64(v6 * v6)
+        s7 += np.float64(v7 * v7)
+    sums = (s0, s1, s2, s3, s4, s5, s6, s7)
+    for i in range(t1 - t0):
+        mean = np.float32(sums[i] / x.shape[1])
+        scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+        for j in range(x.shape[1]):
+            out[t0 + i, j] = (x[t0 + i, j] * scale) * weight[j]
+
+
+@njit(cache=True)
+def _rows_in(t0, t1, src, residual, add_residual, norm, normalize, eps, dst, q8k, act):
+    """Rows [t0, t1) (at most 8) of a matmul input: ``src += residual`` (if ``add_residual``),
+    ``dst = rms_norm(src)`` (if ``normalize``; else ``dst`` is ``src``), then quantized into ``act`` with the
+    sums its kernel needs."""
     if add_residual:
-        for e in range(src.shape[1]):
-            src[t, e] = src[t, e] + residual[t, e]
+        for t in range(t0, t1):
+            for e in range(src.shape[1]):
+                src[t, e] = src[t, e] + residual[t, e]
     if normalize:
-        rms_norm_rows(src[t : t + 1], norm, eps, dst[t : t + 1])
+        rms_norm_8(src, t0, t1, norm, eps, dst)
     xq, xs, sums, block_sums, token_sums = act
     if q8k:
-        quantize_q8k_rows(dst[t : t + 1], xq[t : t + 1], xs[t : t + 1])
+        quantize_q8k_rows(dst[t0:t1], xq[t0:t1], xs[t0:t1])
     else:
-        quantize_per_token_rows(dst[t : t + 1], xq[t : t + 1], xs[t : t + 1])
+        quantize_per_token_rows(dst[t0:t1], xq[t0:t1], xs[t0:t1])
     if _lane_order(act):
-        lane_sums(xq[t : t + 1], sums[t : t + 1])
+        lane_sums(xq[t0:t1], sums[t0:t1])
     else:
-        b, s = activation_sums(xq[t : t + 1])
-        block_sums[t] = b[0]
-        token_sums[t] = s[0]
+        b, s = activation_sums(xq[t0:t1])
+        block_sums[t0:t1] = b
+        token_sums[t0:t1] = s
 
 
 @njit(cache=True)
@@ -194,7 +227,7 @@ def forward_layers(
     n_ff = w_down[1].shape[2] * BLOCK  # the down projection's input
     group = n_head // n_head_kv
     scale32 = np.float32(kq_scale)
-    many = n_tok >= PARALLEL_ROWS_MIN
+    n_row_items = (n_tok + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
 
     h = np.empty((n_tok, n_embd), dtype=np.float32)
     q = np.empty((n_tok, n_q), dtype=np.float32)
@@ -225,12 +258,14 @@ def forward_layers(
         sub_a = attn_sub_norm[il % attn_sub_norm.shape[0]]  # (a 1-row placeholder when there are none)
         sub_f = ffn_sub_norm[il % ffn_sub_norm.shape[0]]
         # ---- attention: norm, quantize once, Q/K/V in one parallel region, RoPE, KV write, attention
-        if many:
-            for t in prange(n_tok):
-                _row_in(t, x, o, False, attn_norm[il], True, eps, h, q8k, act_h)
+        if n_row_items > 1:
+            for c in prange(n_row_items):
+                t0 = c * ROWS_PER_ITEM
+                _rows_in(
+                    t0, min(t0 + ROWS_PER_ITEM, n_tok), x, o, False, attn_norm[il], True, eps, h, q8k, act_h
+                )
         else:
-            for t in range(n_tok):
-                _row_in(t, x, o, False, attn_norm[il], True, eps, h, q8k, act_h)
+            _rows_in(0, n_tok, x, o, False, attn_norm[il], True, eps, h, q8k, act_h)
         for c in prange(nq + nk + nv):
             if c < nq:
                 c0 = c * c_qkv
@@ -262,22 +297,26 @@ def forward_layers(
             )  # fmt: skip
 
         # ---- sub-norm, O projection
-        if many:
-            for t in prange(n_tok):
-                _row_in(t, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
+        if n_row_items > 1:
+            for c in prange(n_row_items):
+                t0 = c * ROWS_PER_ITEM
+                _rows_in(
+                    t0, min(t0 + ROWS_PER_ITEM, n_tok), a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a
+                )
         else:
-            for t in range(n_tok):
-                _row_in(t, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
+            _rows_in(0, n_tok, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
         for c in prange(no):
             _linear_groups(isa, wo, il, c * co, min(c * co + co, go), act_a, o)
 
         # ---- residual, FFN norm, gate/up with the activation applied per chunk
-        if many:
-            for t in prange(n_tok):
-                _row_in(t, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
+        if n_row_items > 1:
+            for c in prange(n_row_items):
+                t0 = c * ROWS_PER_ITEM
+                _rows_in(
+                    t0, min(t0 + ROWS_PER_ITEM, n_tok), x, o, True, ffn_norm[il], True, eps, h, q8k, act_h
+                )
         else:
-            for t in range(n_tok):
-                _row_in(t, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
+            _rows_in(0, n_tok, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
         for c in prange(nf):
             g0, g1 = c * cf, min(c * cf + cf, gf)
             _linear_groups(isa, w_gate, il, g0, g1, act_h, g)
@@ -285,12 +324,14 @@ def forward_layers(
             gate_rows(g, u, relu2, f, g0 * ROW_GROUP, min(g1 * ROW_GROUP, n_ff))
 
         # ---- sub-norm, down projection, residual
-        if many:
-            for t in prange(n_tok):
-                _row_in(t, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
+        if n_row_items > 1:
+            for c in prange(n_row_items):
+                t0 = c * ROWS_PER_ITEM
+                _rows_in(
+                    t0, min(t0 + ROWS_PER_ITEM, n_tok), f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f
+                )
         else:
-            for t in range(n_tok):
-                _row_in(t, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
+            _rows_in(0, n_tok, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
         for c in prange(nd):
             _linear_groups(isa, w_down, il, c * cd, min(c * cd + cd, gd), act_f, o)
         for t in range(n_tok):
