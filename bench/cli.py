@@ -231,32 +231,27 @@ def render(results: Sequence[BenchResult], output: str) -> str:
 def kernel_report(engine, threads: Sequence[int], n_tokens: int, say: Callable[[str], None]) -> None:
     """GEMV (weights from DRAM) and GEMM GOPS / GB/s for the model's linear shapes, against the streaming
     read bandwidth measured in the same run (``bench_kernels``' helpers and table)."""
-    from ternary.bench.bench_kernels import STREAM_BYTES, print_table, stream_read_bandwidth
+    from ternary.bench.bench_kernels import print_table, stream_read_bandwidth
 
     shapes = sorted({(s.n_out, s.group_scales.shape[2] * 256) for s in engine.model.stacked.values()})
-    words = np.ones(STREAM_BYTES // 8, dtype=np.uint64)
-    bandwidth = {t: stream_read_bandwidth(t, words) for t in threads}
+    bandwidth = {t: stream_read_bandwidth(t) for t in threads}
     results = []
     for t in threads:
         for n_out, n_in in shapes:
             for tokens in (1, n_tokens):
                 say(f"kernel {n_out}x{n_in}, {tokens} token(s), {t} thread(s)")
                 results.append(
-                    measure_kernel(
-                        engine.model.act_quant, engine.model.isa.name, n_out, n_in, tokens, t, words
-                    )
+                    measure_kernel(engine.model.act_quant, engine.model.isa.name, n_out, n_in, tokens, t)
                 )
     print_table(results, bandwidth, say)
 
 
-def measure_kernel(
-    act_quant: str, path: str, n_out: int, n_in: int, tokens: int, threads: int, words: np.ndarray
-):
+def measure_kernel(act_quant: str, path: str, n_out: int, n_in: int, tokens: int, threads: int):
     """``bench_kernels.Result`` of the kernel the engine runs for ``act_quant``: the planar kernels for
     ``per_token``, the llama.cpp-order lane kernel (``kernels_q8k``) for ``q8k``. A GEMV streams its weights
-    from DRAM (copies beyond the last-level cache) and is timed right after a bandwidth measurement."""
+    from DRAM (copies beyond the last-level cache), compared with a plain sum over those same buffers."""
     import numba
-    from ternary.bench.bench_kernels import DRAM_ROTATION_BYTES, KernelCase, Result, stream_read_bandwidth
+    from ternary.bench.bench_kernels import DRAM_ROTATION_BYTES, KernelCase, Result, stream_over
     from ternary.engine.kernels_q8k import lane_sums, q8k_matmul
 
     gemv = tokens == 1
@@ -279,7 +274,7 @@ def measure_kernel(
     numba.set_num_threads(threads)
     try:
         run()
-        stream = stream_read_bandwidth(threads, words, repeats=3) if gemv else None
+        stream = stream_over(case.packs, threads) if gemv else None
         samples = [_timed(run) for _ in range(31 if gemv else 5)]
     finally:
         numba.set_num_threads(before)
