@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import ORACLE, ORACLE_MODELS
 from ternary.engine import attention, cpu_features, kernels, simd
+from ternary.engine import model as model_module
 from ternary.engine.engine import Engine, set_threads
 from ternary.engine.kernels_attention import attend_head
 from ternary.engine.kernels_ffn import gate_rows
@@ -89,6 +90,7 @@ def test_fused_forward_equals_the_step_by_step_forward(act_quant: str) -> None:
     """A trace forces the layer-by-layer path over the same planar weights; both must agree bit for bit."""
     m = model("tiny-tq2_0-blockscales-f16", "planar", act_quant)
     ids = read_ids(ORACLE / "tiny-tq2_0-blockscales-f16" / "prompt.batch.tokens.txt")
+    assert model_module._quantizers_as_imported()  # nothing swapped them: the fused path runs
     fused = batch_logits(m, ids)
     trace: dict[str, np.ndarray] = {}
     stepwise = batch_logits(m, ids, trace)
