@@ -14,6 +14,7 @@ import ctypes
 import mmap
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from ternary.engine.fused import PLANAR_FIELDS, StackedLinear
 from ternary.engine.planar import LAYOUT_VERSION, PlanarMatrix, aligned_empty
 from ternary.engine.repack_cache import RepackCache
+from ternary.engine.simd import BLOCK
 from ternary.formats.model_file import LINEAR_NAMES, ModelFile
 
 STACK_FORMAT = 1  # names and shapes of the cached stacked arrays; part of the cache key
@@ -40,12 +42,30 @@ def ternary_bytes(mf: ModelFile) -> int:
 
 
 def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str, StackedLinear]:
-    """``{"attn_q": StackedLinear, ...}`` for ``mf``, from the repack cache when it holds them."""
+    """``{"attn_q": StackedLinear, ...}`` for ``mf``, from the repack cache when it holds them.
+
+    A cache folder that cannot be written only costs the cache (a ``RuntimeWarning`` says so).
+    """
+    misfit = planar_misfit(mf)
+    if misfit is not None:
+        raise ValueError(f"{mf.path}: {misfit}: the planar layout cannot hold it")
     store = _cache_for(cache, ternary_bytes(mf))
-    if store is None:
+    extra = f"stacked-{STACK_FORMAT}"
+    arrays = None if store is None else store.load(mf.path, extra)
+    if arrays is None:
         arrays = repack(mf)
-    else:
-        arrays = store.load_or_build(mf.path, lambda: repack(mf), extra=f"stacked-{STACK_FORMAT}")
+        if store is not None:
+            try:
+                store.store(mf.path, arrays, extra)
+            except OSError as exc:
+                warnings.warn(
+                    f"repack cache not written ({exc}); the model is repacked on every load",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            else:
+                arrays = store.load(mf.path, extra, verify=False) or arrays  # the memory-mapped copy
+    if store is not None:
         for name in LINEAR_NAMES:  # read only for groups with per-block scales: let the rest leave memory
             release_pages(arrays[f"{name}.group_scales"], unmodified=True)
     out = {}
@@ -56,6 +76,16 @@ def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str,
         fields = {f: arrays[f"{name}.{f}"] for f in PLANAR_FIELDS}
         out[name] = StackedLinear(**fields, scale=scale, has_scale=has, n_out=lins[0].shape[0])
     return out
+
+
+def planar_misfit(mf: ModelFile) -> str | None:
+    """Why the planar layout cannot hold ``mf`` (a linear whose input length is not a multiple of 256, as
+    every TQ1_0/TQ2_0 tensor's is), or None."""
+    for il in range(mf.config.n_layer):
+        for name, lin in mf.layer(il).linears().items():
+            if lin.shape[1] % BLOCK:
+                return f"blk.{il}.{name}: input length {lin.shape[1]} is not a multiple of {BLOCK}"
+    return None
 
 
 def _cache_for(setting: CacheSetting, nbytes: int) -> RepackCache | None:
@@ -75,8 +105,8 @@ def repack(mf: ModelFile) -> dict[str, np.ndarray]:
     ) as bar:
         for name in LINEAR_NAMES:
             for il in range(n_layer):
-                weight = mf.layer(il).linears()[name].weight
-                m = PlanarMatrix.from_codes(*mf.ternary_codes(mf.layer(il).linears()[name]))
+                linear = mf.layer(il).linears()[name]
+                m = PlanarMatrix.from_codes(*mf.ternary_codes(linear))
                 if il == 0:
                     for f, a in m.to_arrays().items():
                         if f in PLANAR_FIELDS:
@@ -85,8 +115,8 @@ def repack(mf: ModelFile) -> dict[str, np.ndarray]:
                     if f in PLANAR_FIELDS:
                         arrays[f"{name}.{f}"][il] = a
                 del m
-                release_pages(weight.raw)
-                bar(weight.raw.nbytes)
+                release_pages(linear.weight.raw)
+                bar(linear.weight.raw.nbytes)
     return arrays
 
 

@@ -15,6 +15,7 @@ step-by-step path.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from ternary.engine import activations, attention, cpu_features, kernels, simd
 from ternary.engine.fused import StackedLinear, forward_layers
 from ternary.engine.head_kernels import head_matrix
 from ternary.engine.kv_cache import KVCache
-from ternary.engine.load import CacheSetting, load_stacked_linears
+from ternary.engine.load import CacheSetting, load_stacked_linears, planar_misfit
 from ternary.engine.weights import DenseMatrix, PlanarQ8KMatrix, TernaryMatrix, dense_matrix
 from ternary.formats import quants
 from ternary.formats.model_file import LINEAR_NAMES, ModelFile
@@ -325,6 +326,10 @@ def load_transformer(
     mf = model_file
     if layout not in LAYOUTS:
         raise ValueError(f"unknown weight layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    misfit = planar_misfit(mf) if layout == "planar" else None
+    if misfit is not None:
+        warnings.warn(f"{mf.path}: {misfit}; using the reference layout", RuntimeWarning, stacklevel=2)
+        layout = "reference"
     stacked = load_stacked_linears(mf, repack_cache) if layout == "planar" else None
 
     def vector(info: Any) -> np.ndarray | None:

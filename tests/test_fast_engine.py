@@ -228,3 +228,30 @@ def test_vectorised_gate_equals_the_reference_over_the_float_range(relu2: bool) 
     got = np.empty_like(gate)
     gate_rows(gate, up, relu2, got, 0, gate.shape[1])
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_models_the_planar_layout_cannot_hold_fall_back_to_the_reference(tmp_path: Path) -> None:
+    """An I2_S model with rows of 384 (not a multiple of 256): a warning, then the reference layout."""
+    from ternary.bench.presets import RandomTensors, tokenizer_metadata
+    from ternary.formats.config import ModelConfig
+    from ternary.formats.writer import write_model
+
+    cfg = ModelConfig(
+        arch="bitnet", n_vocab=300, n_embd=384, n_layer=1, n_head=6, n_head_kv=2, head_dim=64, n_ff=640,
+        n_ctx_train=64,
+    )  # fmt: skip
+    path = tmp_path / "i2s-384.gguf"
+    write_model(path, cfg, RandomTensors(cfg), tokenizer_metadata(300), linear_type="I2_S")
+    with pytest.warns(RuntimeWarning, match="not a multiple of 256; using the reference layout"):
+        e = Engine(path, threads=1, n_ctx=16, act_quant="per_token")
+    assert e.layout == "reference" and np.isfinite(e.logits([1, 2, 3])).all()
+
+
+def test_an_unwritable_repack_cache_costs_only_the_cache(tmp_path: Path) -> None:
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    path = ORACLE / "tiny-tq2_0-f16.gguf"
+    with pytest.warns(RuntimeWarning, match="repack cache not written"):
+        e = Engine(path, threads=1, n_ctx=16, repack_cache=blocked / "cache")
+    with Engine(path, threads=1, n_ctx=16, layout="reference") as ref:
+        np.testing.assert_array_equal(e.logits([1, 2, 3]), ref.logits([1, 2, 3]))
