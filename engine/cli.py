@@ -50,7 +50,12 @@ def _model_path(model_arg: str | None, model_opt: str | None) -> str:
         raise CliError(f"two models given ({model_arg!r} and -m {model_opt!r}): give one")
     path = model_arg or model_opt
     if not path:
-        raise CliError("no model given: ternary-run MODEL.gguf --prompt TEXT (or -m MODEL.gguf)")
+        from ternary.models import default_model_path
+
+        try:
+            return str(default_model_path())  # the bundled model (or $TERNARY_MODEL)
+        except FileNotFoundError as e:
+            raise CliError(str(e)) from None
     p = Path(path)
     if not p.exists():
         raise CliError(f"{path}: no such file")

@@ -219,16 +219,22 @@ def _header_end(lines: list[str], def_line: int, body_line: int) -> int | None:
     return None
 
 
-def extract_function_prompts(source: str, where: str = "<text>") -> list[FunctionPrompt]:
+def extract_function_prompts(
+    source: str, where: str = "<text>", *, methods: bool = False
+) -> list[FunctionPrompt]:
     """Every function in `source` that makes a completion task: header on its own lines, at least one
-    statement after the optional docstring, and all prompt lines indented at least as far as the `def`."""
+    statement after the optional docstring, and all prompt lines indented at least as far as the `def`.
+
+    Module-level functions only unless `methods`: a method or nested function cut out of its class and
+    dedented to column 0 is a text the model never saw in training (HumanEval-style tasks are top-level too).
+    """
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return []
     lines = source.splitlines()
     out = []
-    for node in ast.walk(tree):
+    for node in ast.walk(tree) if methods else tree.body:
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         body = node.body
@@ -254,13 +260,14 @@ def extract_function_prompts(source: str, where: str = "<text>") -> list[Functio
 
 
 def function_prompts(
-    path: str | os.PathLike, limit: int | None = DEFAULT_CODE_SAMPLES, seed: int = 0
+    path: str | os.PathLike, limit: int | None = DEFAULT_CODE_SAMPLES, seed: int = 0, methods: bool = False
 ) -> list[FunctionPrompt]:
     """Completion tasks from the `.py` files at `path`: all of them, or a seeded sample of `limit`."""
     found: list[FunctionPrompt] = []
     for f in text_files(path):
         if f.suffix == ".py":
-            found.extend(extract_function_prompts(f.read_text(encoding="utf-8", errors="replace"), str(f)))
+            text = f.read_text(encoding="utf-8", errors="replace")
+            found.extend(extract_function_prompts(text, str(f), methods=methods))
     if not found:
         raise EvalError(f"{path}: no Python functions with a body to complete")
     if limit is not None and len(found) > limit:
@@ -274,7 +281,8 @@ class CompletionCut:
     """Accumulates generated text and says when the function body is over.
 
     The body ends before the first non-blank line that starts at column 0 (the prompt is dedented, so that is
-    code after the function) or at the second of two blank lines in a row. `text` is the kept completion.
+    code after the function) or at the second of two blank lines in a row outside a triple-quoted string.
+    `text` is the kept completion.
     """
 
     pending: str = ""
@@ -294,7 +302,15 @@ class CompletionCut:
             self.done = True  # a line already started at column 0
         return self.done
 
+    def _in_triple_quoted_string(self) -> bool:
+        """Blank lines inside an open docstring are text, not the end of the function."""
+        text = "\n".join(self.kept)
+        return (text.count('"""') + text.count("'''")) % 2 == 1
+
     def _line(self, line: str) -> None:
+        if not line.strip() and self._in_triple_quoted_string():
+            self.kept.append(line)
+            return
         if not line.strip():
             self.blank_run += 1
             if self.blank_run >= 2:
@@ -371,15 +387,18 @@ class CodeEvalResult:
         )
 
 
-def complete(engine: EvalEngine, prompt: str, max_tokens: int) -> str:
-    """The greedy completion of `prompt`, cut where the function ends."""
+def complete(engine: EvalEngine, prompt: str, max_tokens: int, repeat_penalty: float = 1.0) -> str:
+    """The greedy completion of `prompt`, cut where the function ends (`repeat_penalty` as llama.cpp's)."""
     tok = engine.tokenizer
     ids = tok.encode(prompt, add_bos=bool(tok.add_bos), parse_special=False)
     cut = CompletionCut()
     room = engine.n_ctx - len(ids)
     if room <= 0:
         return ""
-    for piece in engine.generate(ids, max_tokens=min(max_tokens, room), temperature=0.0, stream=True):
+    budget = min(max_tokens, room)
+    for piece in engine.generate(
+        ids, max_tokens=budget, temperature=0.0, repeat_penalty=repeat_penalty, stream=True
+    ):
         if cut.feed(piece):
             break
     return cut.text
@@ -390,10 +409,11 @@ def code_completion(
     prompts: Iterable[FunctionPrompt],
     max_tokens: int = DEFAULT_CODE_MAX_TOKENS,
     progress: Callable[[int, CompletionCheck], None] | None = None,
+    repeat_penalty: float = 1.0,
 ) -> CodeEvalResult:
     result = CodeEvalResult()
     for i, p in enumerate(prompts):
-        completion = complete(engine, p.prompt, max_tokens)
+        completion = complete(engine, p.prompt, max_tokens, repeat_penalty)
         check = check_completion(p.prompt, completion)
         result.samples.append({"source": p.source, "name": p.name, "completion": completion, **vars(check)})
         if progress is not None:
@@ -412,12 +432,14 @@ def code_completion(
 @click.option("--code-src", type=click.Path(), help="Python file or folder for --code (default: --ppl)")
 @click.option("--code-n", default=DEFAULT_CODE_SAMPLES, show_default=True, help="functions to complete")
 @click.option("--code-max-tokens", default=DEFAULT_CODE_MAX_TOKENS, show_default=True)
+@click.option("--code-methods", is_flag=True, help="also methods and nested functions (dedented)")
+@click.option("--repeat-penalty", default=1.0, show_default=True, help="for --code's greedy decoding")
 @click.option("-c", "--ctx", "--ctx-size", "n_ctx", default=0, help="chunk length (0: the model's context)")
 @click.option("--chunks", default=-1, help="at most this many chunks (-1: all), as llama-perplexity")
 @click.option("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the numbers here")
-def main(model, model_opt, ppl_path, code, code_src, code_n, code_max_tokens, n_ctx, chunks, threads,
-         json_out) -> None:  # fmt: skip
+def main(model, model_opt, ppl_path, code, code_src, code_n, code_max_tokens, code_methods, repeat_penalty,
+         n_ctx, chunks, threads, json_out) -> None:  # fmt: skip
     """MODEL defaults to the bundled model (ternary.models.default_model_path())."""
     from ternary.formats.errors import GGUFError
 
@@ -440,7 +462,7 @@ def main(model, model_opt, ppl_path, code, code_src, code_n, code_max_tokens, n_
         if not Path(path).is_file():
             raise EvalError(f"{path}: no such model file")
         text = read_texts(ppl_path) if ppl_path else None
-        prompts = function_prompts(src, code_n) if code else None
+        prompts = function_prompts(src, code_n, methods=code_methods) if code else None
         t0 = time.perf_counter()
         engine = open_engine(path, threads=threads, n_ctx=n_ctx or None)
         say(f"loaded {path} in {time.perf_counter() - t0:.1f} s (n_ctx {engine.n_ctx})")
@@ -454,7 +476,7 @@ def main(model, model_opt, ppl_path, code, code_src, code_n, code_max_tokens, n_
         if prompts is not None:
             cres = code_completion(
                 engine, prompts, code_max_tokens,
-                lambda i, c: say(f"[{i}/{len(prompts)}] {'ok' if c.compiles else c.error}"),
+                lambda i, c: say(f"[{i}/{len(prompts)}] {'ok' if c.compiles else c.error}"), repeat_penalty,
             )  # fmt: skip
             click.echo(cres.line())
             report["code_completion"] = {**cres.summary(), "samples": cres.samples}

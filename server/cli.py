@@ -58,7 +58,12 @@ def main(
 
     path = model_arg or model
     if path is None:
-        raise click.UsageError("give the model: ternary-serve MODEL.gguf (or -m MODEL.gguf)")
+        from ternary.models import default_model_path
+
+        try:
+            path = str(default_model_path())  # the bundled model (or $TERNARY_MODEL)
+        except FileNotFoundError as e:
+            raise click.ClickException(str(e)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(
         model=path,

@@ -65,7 +65,6 @@ def test_model_flag_prompt_file_and_no_display_prompt(
         ([str(ORACLE / "missing.gguf"), "-p", "x"], "missing.gguf: no such file"),
         ([str(ORACLE), "-p", "x"], "is a directory"),
         ([str(ORACLE / "README.md"), "-p", "x"], "README.md"),
-        (["-p", "x"], "no model given"),
         ([MODEL, "-p", "x", "-f", "p.txt"], "either -p/--prompt or -f/--file"),
         ([MODEL, "-f", "/no/such/prompt.txt"], "cannot read the prompt file"),
         ([MODEL, "--act-quant", "int4"], "unknown activation quantization"),
@@ -95,3 +94,21 @@ def test_entry_point_in_a_subprocess() -> None:
     assert proc.returncode == 1
     assert proc.stderr == "ternary-run: error: /no/such/model.gguf: no such file\n"
     assert "Traceback" not in proc.stderr
+
+
+def test_no_model_runs_the_bundled_python_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TERNARY_MODEL", raising=False)
+    code, out, _ = run_cli(capsys, "--prompt", "def fib(n):", "-n", "24", "--temp", "0", "-t", "1")
+    assert code == 0
+    assert out.startswith("def fib(n):") and len(out) > len("def fib(n):\n")
+
+
+def test_no_model_and_a_missing_default_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TERNARY_MODEL", "/no/such/default.gguf")
+    code, _, err = run_cli(capsys, "-p", "x", "-t", "1")
+    assert code == 1
+    assert err == "ternary-run: error: TERNARY_MODEL=/no/such/default.gguf: no such model file\n"
