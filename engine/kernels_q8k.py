@@ -45,7 +45,6 @@ from ternary.engine.simd import (
     prefetch_bytes,
     single_token,
     tile_acc_dot,
-    tile_acc_zero,
     tile_tokens,
 )
 
@@ -149,10 +148,52 @@ def q8k_facc_zero(typingctx, isa):
 
 
 @intrinsic
-def q8k_facc_fma(typingctx, facc, acc, w, w_offset, xs, xs_offset, xs_stride, sums, sums_offset, sums_stride):
+def q8k_acc_start(typingctx, isa, sums, sums_offset, sums_stride):
+    """A tile accumulator holding llama.cpp's bsums correction: lane j of token j' starts at
+    ``−sums[sums_offset + j'·sums_stride + j]`` (j < 8; with 16-lane vectors lanes 8..15 start at 0, the fold
+    adds them to lanes 0..7). Accumulating the block's Σ code·x on top gives the corrected lanes without a
+    subtraction per output."""
+    if not isinstance(isa, IsaType) or isa.width == 0:
+        return None
+    if not (
+        isinstance(sums, types.Array) and sums.dtype == types.int32 and sums.ndim == 1 and sums.layout == "C"
+    ):
+        return None
+    acc_type = TileAccType(isa)
+    sig = acc_type(isa, sums, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        _, s_a, s_off, s_stride = args
+        vec8, lanes = ir.VectorType(_I32, LANES), isa.lanes
+        acc_vec = ir.VectorType(_I32, lanes)
+        starts = []
+        for j in range(isa.tokens):
+            index = builder.add(s_off, builder.mul(s_stride, ir.Constant(s_off.type, j)))
+            ptr = _element_ptr(context, builder, sig.args[1], s_a, index)
+            neg = builder.sub(
+                ir.Constant(vec8, None), builder.load(builder.bitcast(ptr, vec8.as_pointer()), align=4)
+            )
+            if lanes > LANES:  # widen with zeros: lanes 8..15
+                neg = builder.shuffle_vector(neg, ir.Constant(vec8, None), _indices(list(range(lanes))))
+            starts.append(neg)
+        n_acc = ROW_GROUP * (4 if isa.tokens == 1 else isa.tokens)
+        out = ir.Constant(ir.ArrayType(acc_vec, n_acc), None)
+        for r in range(ROW_GROUP):
+            if isa.tokens == 1:  # the shift-0 accumulator of each row (added unshifted when they combine)
+                out = builder.insert_value(out, starts[0], 4 * r)
+            else:
+                for j in range(isa.tokens):
+                    out = builder.insert_value(out, starts[j], r * isa.tokens + j)
+        return out
+
+    return sig, codegen
+
+
+@intrinsic
+def q8k_facc_fma(typingctx, facc, acc, w, w_offset, xs, xs_offset, xs_stride):
     """One block of llama.cpp's TQ × Q8_K float step for every (row r, token j) of the tile.
 
-    ``lane = fold(acc[r, j]) − sums[sums_offset + j·sums_stride : +8]`` (int32), then
+    ``lane = fold(acc[r, j])`` (int32; ``acc`` started from ``q8k_acc_start``), then
     ``facc[r, j] = fma(float(lane), xs[xs_offset + j·xs_stride] · w[w_offset + r], facc[r, j])`` per lane.
     """
     if not isinstance(facc, Q8KFAccType) or not isinstance(acc, TileAccType) or facc.isa != acc.isa:
@@ -160,18 +201,15 @@ def q8k_facc_fma(typingctx, facc, acc, w, w_offset, xs, xs_offset, xs_stride, su
     ok = (
         isinstance(w, types.Array) and w.dtype == types.float32 and w.ndim == 1
         and isinstance(xs, types.Array) and xs.dtype == types.float32 and xs.ndim == 1
-        and isinstance(sums, types.Array) and sums.dtype == types.int32 and sums.ndim == 1
-        and sums.layout == "C"
     )  # fmt: skip
     if not ok:
         return None
     isa = facc.isa
-    sig = facc(facc, acc, w, types.intp, xs, types.intp, types.intp, sums, types.intp, types.intp)
+    sig = facc(facc, acc, w, types.intp, xs, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
-        facc_v, acc_v, w_a, w_off, xs_a, xs_off, xs_stride, s_a, s_off, s_stride = args
+        facc_v, acc_v, w_a, w_off, xs_a, xs_off, xs_stride = args
         tokens, per = isa.tokens, _per_vector(isa)
-        vec8 = ir.VectorType(_I32, LANES)
 
         def at(aty, arr, index):
             return _element_ptr(context, builder, aty, arr, index)
@@ -189,10 +227,6 @@ def q8k_facc_fma(typingctx, facc, acc, w, w_offset, xs, xs_offset, xs_stride, su
             ]
         else:
             folded = rows
-        sums = []
-        for j in range(tokens):
-            ptr = at(sig.args[7], s_a, builder.add(s_off, builder.mul(s_stride, const(j))))
-            sums.append(builder.load(builder.bitcast(ptr, vec8.as_pointer()), align=4))
         xs_vals = [
             builder.load(at(sig.args[4], xs_a, builder.add(xs_off, builder.mul(xs_stride, const(j)))))
             for j in range(tokens)
@@ -205,12 +239,7 @@ def q8k_facc_fma(typingctx, facc, acc, w, w_offset, xs, xs_offset, xs_stride, su
         out = facc_v
         for p, lanes in enumerate(folded):
             items = [p * per + q for q in range(per)]  # output index r·tokens + j of each half
-            corr = sums[items[0] % tokens]
-            if per == 2:
-                corr = builder.shuffle_vector(sums[items[0] % tokens], sums[items[1] % tokens], _indices(
-                    list(range(2 * LANES))
-                ))  # fmt: skip
-            isum = builder.sub(lanes, corr)
+            isum = lanes
             # d = x_scale · w_scale per output, spread over its 8 lanes: one vector multiply
             xs_lanes = _spread(builder, [xs_vals[item % tokens] for item in items])
             w_lanes = _spread(builder, [w_vals[item // tokens] for item in items])
@@ -323,12 +352,11 @@ def _simd_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, 
     facc = q8k_facc_zero(isa)
     for b in range(n_blocks):
         offset = group_offset + b * GROUP_BLOCK_BYTES
-        prefetch_bytes(packed, offset + PREFETCH_BYTES, GROUP_BLOCK_BYTES)
-        acc = tile_acc_dot(isa, tile_acc_zero(isa), packed, offset, x, t0 * k + b * BLOCK, k)
-        facc = q8k_facc_fma(
-            facc, acc, w, w_base + b * w_step, xs, t0 * n_blocks + b, n_blocks,
-            sums, (t0 * n_blocks + b) * LANES, n_blocks * LANES,
-        )  # fmt: skip
+        if tokens == 1:  # streaming from DRAM; a GEMM tile re-reads its chunk from L2
+            prefetch_bytes(packed, offset + PREFETCH_BYTES, GROUP_BLOCK_BYTES)
+        start = q8k_acc_start(isa, sums, (t0 * n_blocks + b) * LANES, n_blocks * LANES)
+        acc = tile_acc_dot(isa, start, packed, offset, x, t0 * k + b * BLOCK, k)
+        facc = q8k_facc_fma(facc, acc, w, w_base + b * w_step, xs, t0 * n_blocks + b, n_blocks)
     values = q8k_facc_values(facc)
     for r in range(ROW_GROUP):
         n = g * ROW_GROUP + r
