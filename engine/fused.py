@@ -156,6 +156,28 @@ def _rows_in(t0, t1, src, residual, add_residual, norm, normalize, eps, dst, q8k
 
 
 @njit(cache=True)
+def _rope_store(t0, t1, q, k, v, rope, il, slots, positions, cache, heads):
+    """RoPE on rows [t0, t1) of ``q`` and ``k``, then their K/V into the cache at (slot, position)."""
+    cos, sin, rope_dim, rope_neox = rope
+    k_cache, v_cache = cache
+    n_head, n_head_kv, head_dim = heads
+    rope_rows(q[t0:t1], cos[t0:t1], sin[t0:t1], n_head, head_dim, rope_dim, rope_neox)
+    rope_rows(k[t0:t1], cos[t0:t1], sin[t0:t1], n_head_kv, head_dim, rope_dim, rope_neox)
+    for t in range(t0, t1):
+        for kh in range(n_head_kv):
+            for e in range(head_dim):
+                k_cache[il, slots[t], positions[t], kh, e] = k[t, kh * head_dim + e]
+                v_cache[il, slots[t], positions[t], kh, e] = v[t, kh * head_dim + e]
+
+
+@njit(cache=True)
+def _add_rows(x, o, t0, t1):
+    for t in range(t0, t1):
+        for e in range(x.shape[1]):
+            x[t, e] = x[t, e] + o[t, e]
+
+
+@njit(cache=True)
 def _linear_groups(isa, w, il, g0, g1, act, out):
     """Row groups [g0, g1) of layer ``il`` of the stacked linear ``w`` on the activations ``act``, times its
     scale."""
@@ -253,19 +275,33 @@ def forward_layers(
     cd = _chunk_groups(isa, n_tok, n_ff, gd, n_threads)
     no, nf, nd = -(-go // co), -(-gf // cf), -(-gd // cd)
     n_ctx = k_cache.shape[2]
+    rope = (cos, sin, rope_dim, rope_neox)
+    cache = (k_cache, v_cache)
+    heads = (n_head, n_head_kv, head_dim)
 
     for il in range(n_layer):
         sub_a = attn_sub_norm[il % attn_sub_norm.shape[0]]  # (a 1-row placeholder when there are none)
         sub_f = ffn_sub_norm[il % ffn_sub_norm.shape[0]]
+        add_prev = il > 0  # the previous layer's down projection, still in ``o``
         # ---- attention: norm, quantize once, Q/K/V in one parallel region, RoPE, KV write, attention
         if n_row_items > 1:
             for c in prange(n_row_items):
                 t0 = c * ROWS_PER_ITEM
                 _rows_in(
-                    t0, min(t0 + ROWS_PER_ITEM, n_tok), x, o, False, attn_norm[il], True, eps, h, q8k, act_h
+                    t0,
+                    min(t0 + ROWS_PER_ITEM, n_tok),
+                    x,
+                    o,
+                    add_prev,
+                    attn_norm[il],
+                    True,
+                    eps,
+                    h,
+                    q8k,
+                    act_h,
                 )
         else:
-            _rows_in(0, n_tok, x, o, False, attn_norm[il], True, eps, h, q8k, act_h)
+            _rows_in(0, n_tok, x, o, add_prev, attn_norm[il], True, eps, h, q8k, act_h)
         for c in prange(nq + nk + nv):
             if c < nq:
                 c0 = c * c_qkv
@@ -276,18 +312,20 @@ def forward_layers(
             else:
                 c0 = (c - nq - nk) * c_qkv
                 _linear_groups(isa, wv, il, c0, min(c0 + c_qkv, gv), act_h, v)
-        rope_rows(q, cos, sin, n_head, head_dim, rope_dim, rope_neox)
-        rope_rows(k, cos, sin, n_head_kv, head_dim, rope_dim, rope_neox)
-        for t in range(n_tok):
-            for kh in range(n_head_kv):
-                for e in range(head_dim):
-                    k_cache[il, slots[t], positions[t], kh, e] = k[t, kh * head_dim + e]
-                    v_cache[il, slots[t], positions[t], kh, e] = v[t, kh * head_dim + e]
+        if n_row_items > 1:
+            for c in prange(n_row_items):
+                t0 = c * ROWS_PER_ITEM
+                _rope_store(
+                    t0, min(t0 + ROWS_PER_ITEM, n_tok), q, k, v, rope, il, slots, positions, cache, heads
+                )
+        else:
+            _rope_store(0, n_tok, q, k, v, rope, il, slots, positions, cache, heads)
         kc = k_cache[il].reshape(k_cache[il].size)
         vc = v_cache[il].reshape(v_cache[il].size)
         for th in prange(n_tok * n_head):
-            t = th // n_head
-            hh = th % n_head
+            # head-major: Numba hands each thread a contiguous range, and causal work grows with t
+            hh = th // n_tok
+            t = th % n_tok
             n_keys = positions[t] + 1
             scratch = np.empty(LANES * head_dim + 2 * (n_keys + LANES), dtype=np.float32)
             kv_off = (slots[t] * n_ctx * n_head_kv + hh // group) * head_dim
@@ -334,6 +372,11 @@ def forward_layers(
             _rows_in(0, n_tok, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
         for c in prange(nd):
             _linear_groups(isa, w_down, il, c * cd, min(c * cd + cd, gd), act_f, o)
-        for t in range(n_tok):
-            for e in range(n_embd):
-                x[t, e] = x[t, e] + o[t, e]
+        # (its residual is added by the next layer's first row step, or below after the last layer)
+
+    if n_row_items > 1:
+        for c in prange(n_row_items):
+            t0 = c * ROWS_PER_ITEM
+            _add_rows(x, o, t0, min(t0 + ROWS_PER_ITEM, n_tok))
+    else:
+        _add_rows(x, o, 0, n_tok)
