@@ -1,15 +1,17 @@
 """Fused forward pass: every layer of a batch in ONE jitted call over the planar weights of all layers.
 
-A 125M-parameter model decodes a token in ~1.5 ms; a Python call per matmul (7 per layer) would cost more than
-the arithmetic. ``forward_layers`` runs the whole stack of layers inside Numba: RMSNorm, the activations
+A 125M-parameter model decodes a token in ~1.2 ms; a Python call per matmul (7 per layer) would cost a good
+share of that. ``forward_layers`` runs the whole stack of layers inside Numba: RMSNorm, the activations
 quantized once per norm and shared (Q/K/V in one parallel region, gate/up in another with the gate
 activation applied right there), RoPE, the KV-cache write, attention, sub-norms, O and down with their
 residuals. The same code serves a one-token decode, a batch of decodes from several slots and a prompt
 (the matmuls then run the register-tile GEMM path of the planar kernels).
 
-Float order is the one of the unfused ``model.Transformer`` step for step (it calls the same serial
-kernels), so in ``q8k`` mode the logits are bit-identical to the reference layout (``kernels_q8k`` keeps
-llama.cpp's TQ × Q8_K lane order); ``per_token`` mode uses the integer-only planar kernels.
+Float order is the one of the step-by-step ``model.Transformer``, operation for operation (where this module
+runs a faster twin (``rms_norm_8``, ``kernels_attention.attend_head``, ``kernels_ffn.gate_rows``) the twin
+is tested bit-identical), so in ``q8k`` mode the logits are bit-identical to the reference layout
+(``kernels_q8k`` keeps llama.cpp's TQ × Q8_K lane order); ``per_token`` activations take the integer-only
+planar kernels.
 
 Weights come as ``StackedLinear`` tuples: the planar arrays of one linear for every layer stacked on a leading
 layer axis (``(packed uint8[L, B], group_scales float32[L, G, K/256, 4], row_scales float32[L, 4G],
