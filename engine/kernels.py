@@ -259,32 +259,6 @@ def rope_cache(positions, theta_scale, cos, sin):
             theta = theta * theta_scale
 
 
-@njit(cache=True)
-def apply_rope(x, cos, sin, n_head, head_dim, n_rot, neox):
-    """Rotate the first ``n_rot`` dims of every head of ``x`` float32[T, n_head*head_dim] in place.
-
-    NEOX pairs dims (i, i + n_rot/2), the normal style pairs (2i, 2i+1); ``cos``/``sin`` float32[T, n_rot/2].
-    """
-    n_tok = x.shape[0]
-    half = n_rot // 2
-    for t in range(n_tok):
-        for h in range(n_head):
-            base = h * head_dim
-            for i in range(half):
-                if neox:
-                    a = base + i
-                    b = base + i + half
-                else:
-                    a = base + 2 * i
-                    b = a + 1
-                x0 = x[t, a]
-                x1 = x[t, b]
-                c = cos[t, i]
-                s = sin[t, i]
-                x[t, a] = x0 * c - x1 * s
-                x[t, b] = x0 * s + x1 * c
-
-
 # ggml_v_expf's constants, spelled as in its source (hex floats, all exact in float32)
 _EXP_SHIFT = np.float32(float.fromhex("0x1.8p23"))
 _EXP_INV_LN2 = np.float32(float.fromhex("0x1.715476p+0"))
@@ -330,48 +304,3 @@ def gated_ffn(gate, up, relu2, out):
             else:
                 a = g / (np.float32(1.0) + ggml_expf(np.float32(0.0) - g))
             out[t, j] = a * up[t, j]
-
-
-# ---------------------------------------------------------------- attention over the slot KV cache
-
-
-@njit(parallel=True, cache=True)
-def attention(q, k_cache, v_cache, slots, positions, n_head, head_dim, scale, out):
-    """Causal GQA attention of every query row over its own slot's cached keys 0..position.
-
-    ``q`` float32[T, n_head*head_dim]; ``k_cache``/``v_cache`` float32[n_slots, n_ctx, n_head_kv, head_dim]
-    (one layer); query head h reads KV head ``h // (n_head / n_head_kv)``. Scores ``(k·q)·scale`` in float32,
-    softmax with the exponentials summed in float64 (as ggml). Parallel over (token, head) pairs.
-    """
-    n_tok = q.shape[0]
-    n_head_kv = k_cache.shape[2]
-    group = n_head // n_head_kv
-    scale32 = np.float32(scale)
-    for th in prange(n_tok * n_head):
-        t = th // n_head
-        h = th % n_head
-        kvh = h // group
-        s = slots[t]
-        n_keys = positions[t] + 1
-        qo = h * head_dim
-        scores = np.empty(n_keys, dtype=np.float32)
-        vmax = np.float32(-np.inf)
-        for j in range(n_keys):
-            acc = np.float32(0.0)
-            for e in range(head_dim):
-                acc += k_cache[s, j, kvh, e] * q[t, qo + e]
-            acc = acc * scale32
-            scores[j] = acc
-            vmax = max(vmax, acc)
-        total = 0.0
-        for j in range(n_keys):
-            p = np.exp(scores[j] - vmax)
-            scores[j] = p
-            total += np.float64(p)
-        inv = np.float32(1.0 / total)
-        for e in range(head_dim):
-            out[t, qo + e] = np.float32(0.0)
-        for j in range(n_keys):
-            w = scores[j] * inv
-            for e in range(head_dim):
-                out[t, qo + e] += w * v_cache[s, j, kvh, e]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from ternary.engine import activations, kernels
+from ternary.engine import activations, attention, kernels
 from ternary.engine.engine import set_threads
 from ternary.engine.model import rms_norm, rope_tables
 from ternary.engine.weights import F16Matrix, Q6KMatrix, Q8_0Matrix, TernaryMatrix, dense_matrix
@@ -250,7 +250,7 @@ def test_rope(neox: bool) -> None:
     np.testing.assert_allclose(sin, np.sin(theta), atol=1e-5)
     x = RNG.normal(size=(4, n_head * head_dim)).astype(np.float32)
     got = x.copy()
-    kernels.apply_rope(got, cos, sin, n_head, head_dim, n_rot, neox)
+    attention.apply_rope(got, cos, sin, n_head, head_dim, n_rot, neox)
     for t in range(4):
         for h in range(n_head):
             v = x[t, h * head_dim : (h + 1) * head_dim].astype(np.float64)
@@ -297,7 +297,7 @@ def test_attention_over_slots_with_gqa() -> None:
     positions = np.array([4, 0, 5], dtype=np.int32)
     q = RNG.normal(size=(3, n_head * hd)).astype(np.float32)
     out = np.empty_like(q)
-    kernels.attention(q, k_cache, v_cache, slots, positions, n_head, hd, 1 / np.sqrt(hd), out)
+    attention.attention(q, k_cache, v_cache, slots, positions, n_head, hd, 1 / np.sqrt(hd), out)
     for t in range(3):
         for h in range(n_head):
             keys = k_cache[slots[t], : positions[t] + 1, h // 2].astype(np.float64)
