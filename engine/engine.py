@@ -110,7 +110,7 @@ class Engine:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None = None,
         threads: int | None = None,
         n_ctx: int | None = None,
         act_quant: str = "q8k",
@@ -121,7 +121,8 @@ class Engine:
         kernel_path: str | None = None,
         repack_cache: CacheSetting = None,
     ) -> None:
-        """``layout``: ``planar`` (fast, fused) or ``reference``; ``decode_threads``: threads for batches of
+        """``path``: a GGUF file (None: the bundled model, ``ternary.models.default_model_path()``);
+        ``layout``: ``planar`` (fast, fused) or ``reference``; ``decode_threads``: threads for batches of
         single decode tokens (None: ``threads``); ``kernel_path``: force a kernel path (``cpu_features``);
         ``repack_cache``: folder of repacked weights (None: the default, False: none)."""
         start = time.perf_counter()
@@ -133,6 +134,10 @@ class Engine:
             raise ValueError(f"n_ctx must be positive (0 or None: the model's), got {n_ctx}")
         if n_slots < 1:
             raise ValueError(f"n_slots must be at least 1, got {n_slots}")
+        if path is None:
+            from ternary.models import default_model_path
+
+            path = default_model_path()
         with open_model(path, ffn_act=ffn_act) as mf:
             self.path = mf.path
             self.config = mf.config

@@ -113,3 +113,14 @@ def test_threads_and_bad_arguments() -> None:
         Engine(ORACLE / "no-such-model.gguf", threads=1)
     with pytest.raises(GGUFError, match="README.md"):
         Engine(ORACLE / "README.md", threads=1)
+
+
+def test_engine_without_a_path_opens_the_bundled_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ternary.models import ENV_VAR, default_model_path
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with Engine(threads=1) as llm:
+        assert str(llm.path) == str(default_model_path())
+        assert llm.config.n_vocab == 8192
+        text = llm.generate("def fib(n):", max_tokens=8, temperature=0, stream=False)
+        assert isinstance(text, str) and text
