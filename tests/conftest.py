@@ -45,3 +45,30 @@ def oracle_dir() -> Path:
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     return VOCAB
+
+
+def read_ids(path: Path) -> list[int]:
+    """Token ids of an oracle `*.tokens.txt` / `*.prompt_tokens.txt` file (comma-separated)."""
+    return [int(t) for t in path.read_text().split(",")]
+
+
+@pytest.fixture(scope="module")
+def one_numba_thread():
+    """One Numba thread for a module: on a busy 2-core machine a 2-thread parallel region can stall a whole
+    time slice. The previous count is restored afterwards."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def restore_numba_threads():
+    """For modules whose code under test sets the thread count itself (CLIs, benches)."""
+    import numba
+
+    previous = numba.get_num_threads()
+    yield
+    numba.set_num_threads(previous)

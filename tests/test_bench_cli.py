@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 
-import numba
 import numpy as np
 import pytest
 from conftest import ORACLE
@@ -25,11 +24,7 @@ LLAMA_BENCH_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    previous = numba.get_num_threads()
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("restore_numba_threads")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numba
 import pytest
 from conftest import ORACLE
 from ternary.engine.cli import main
@@ -16,11 +15,7 @@ from ternary.engine.engine import Engine
 MODEL = str(ORACLE / "tiny-tq2_0-f16.gguf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    previous = numba.get_num_threads()
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("restore_numba_threads")
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -3,13 +3,11 @@ cache: batched prompts, one-token decodes and mixed continuous batches must give
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from conftest import ORACLE, ORACLE_MODELS
 from reference_forward import explain_by_near_ties, load_gguf, reference_forward
 from ternary.engine import activations
-from ternary.engine.engine import set_threads
 from ternary.engine.model import Layer, Linear, Transformer, load_transformer
 from ternary.engine.weights import F16Matrix, F32Matrix, TernaryMatrix
 from ternary.formats.config import ModelConfig
@@ -18,12 +16,7 @@ from ternary.formats.model_file import open_model
 IDS = [1792, 439, 292, 105, 98, 300, 97, 99, 99, 105, 40, 110, 330, 10, 549, 32, 257, 44, 264, 32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = numba.get_num_threads()
-    set_threads(1)
-    yield
-    set_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 def run_batch(m: Transformer, ids: list[int]) -> np.ndarray:

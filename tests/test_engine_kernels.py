@@ -3,11 +3,9 @@ the codecs of ``ternary.formats`` (llama.cpp-identical)."""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from ternary.engine import activations, attention, kernels
-from ternary.engine.engine import set_threads
 from ternary.engine.model import rms_norm, rope_tables
 from ternary.engine.weights import F16Matrix, Q6KMatrix, Q8_0Matrix, TernaryMatrix, dense_matrix
 from ternary.formats import quants
@@ -15,12 +13,7 @@ from ternary.formats import quants
 RNG = np.random.default_rng(1234)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = numba.get_num_threads()
-    set_threads(1)
-    yield
-    set_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 # ---------------------------------------------------------------- activation quantizers

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
-from conftest import ORACLE, ORACLE_MODELS
+from conftest import ORACLE, ORACLE_MODELS, read_ids
 from ternary.engine import attention, cpu_features, kernels, simd
 from ternary.engine import model as model_module
-from ternary.engine.engine import Engine, set_threads
+from ternary.engine.engine import Engine
 from ternary.engine.kernels_attention import attend_head
 from ternary.engine.kernels_ffn import gate_rows
 from ternary.engine.kernels_q8k import lane_sums, q8k_matmul
@@ -28,16 +27,7 @@ from ternary.formats.model_file import open_model
 PATHS = cpu_features.supported_paths()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = numba.get_num_threads()
-    set_threads(1)
-    yield
-    set_threads(previous)
-
-
-def read_ids(path: Path) -> list[int]:
-    return [int(t) for t in path.read_text().split(",")]
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 _MODELS: dict[tuple[str, str, str], Transformer] = {}

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from conftest import ORACLE
@@ -25,13 +24,7 @@ PATHS = cpu_features.supported_paths()
 F32 = np.float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One Numba thread: a 2-thread region can stall a whole time slice on a busy 2-core machine."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 # ---------------------------------------------------------------- independent NumPy references

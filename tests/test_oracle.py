@@ -9,30 +9,15 @@ pass. Figures print with ``pytest -s``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numba
 import numpy as np
 import pytest
-from conftest import ORACLE, ORACLE_MODELS
+from conftest import ORACLE, ORACLE_MODELS, read_ids
 from reference_forward import explain_by_near_ties
 from ternary.engine import activations, attention, kernels
-from ternary.engine.engine import set_threads
 from ternary.engine.model import Transformer, load_transformer, rms_norm, rope_tables
 from ternary.formats.model_file import open_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One Numba thread: on a busy 2-core machine a 2-thread parallel region can stall a whole time slice."""
-    previous = numba.get_num_threads()
-    set_threads(1)
-    yield
-    set_threads(previous)
-
-
-def read_ids(path: Path) -> list[int]:
-    return [int(t) for t in path.read_text().split(",")]
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 def agreement(got: np.ndarray, want: np.ndarray) -> tuple[float, float, float]:
