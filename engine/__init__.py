@@ -1,1 +1,1 @@
-"""Inference engine: weight layouts, Numba kernels, forward pass, sampling, the Engine API and `ternary-run`."""
+"""Inference engine: weight layouts, Numba kernels, forward pass, sampling, the Engine API, `ternary-run`."""
