@@ -115,6 +115,9 @@ def test_wsd_schedule_shape():
     assert lr_multiplier(cos, 74) == pytest.approx(0.5) and lr_multiplier(cos, 99) == pytest.approx(0.0)
     sq = ScheduleConfig(steps=100, warmup_steps=0, decay_frac=0.04, decay_shape="sqrt")
     assert lr_multiplier(sq, 96) == pytest.approx(1 - math.sqrt(0.25))
+    # past the end: the last value, also without a decay stage (was a division by zero)
+    assert lr_multiplier(cfg, 150) == pytest.approx(0.1)
+    assert lr_multiplier(ScheduleConfig(steps=100, warmup_steps=0, decay_frac=0.0), 120) == 1.0
 
 
 def test_schedule_config_errors_name_the_key():

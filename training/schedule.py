@@ -19,13 +19,14 @@ def decay_start(cfg: ScheduleConfig) -> int:
 
 def lr_multiplier(cfg: ScheduleConfig, step: int) -> float:
     """Multiplier for update number `step` (0-based): (step+1)/warmup while warming up, 1 while stable,
-    then falling to `min_lr_ratio`, which the last step (steps − 1) reaches exactly."""
+    then falling to `min_lr_ratio`, which the last step (steps − 1) reaches exactly; steps past the end keep
+    the last value (a run extended beyond its schedule)."""
     if step < 0:
         raise ValueError(f"step must be ≥ 0, got {step}")
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     start = decay_start(cfg)
-    if step < start:
+    if step < start or start == cfg.steps:  # stable, or a schedule without a decay stage (kept past its end)
         return 1.0
     progress = min(1.0, (step - start + 1) / (cfg.steps - start))
     lo = cfg.min_lr_ratio
