@@ -72,3 +72,14 @@ def restore_numba_threads():
     previous = numba.get_num_threads()
     yield
     numba.set_num_threads(previous)
+
+
+def run_click(main, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run a click entry point in-process: (exit code, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import ORACLE
+from conftest import ORACLE, run_click
 from ternary.bench.cli import BenchResult, ModelInfo, main, markdown_table
 from ternary.bench.peers import peer_table
 from ternary.bench.presets import PRESETS, RandomTensors, preset_model, tokenizer_metadata
@@ -28,13 +28,7 @@ pytestmark = pytest.mark.usefixtures("restore_numba_threads")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_click(main, capsys, *args)
 
 
 def test_markdown_table_has_llama_bench_columns(capsys: pytest.CaptureFixture[str]) -> None:

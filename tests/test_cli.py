@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ORACLE
+from conftest import ORACLE, run_click
 from ternary.engine.cli import main
 from ternary.engine.engine import Engine
 
@@ -19,13 +19,7 @@ pytestmark = pytest.mark.usefixtures("restore_numba_threads")
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_click(main, capsys, *args)
 
 
 def test_greedy_completion_and_timings(capsys: pytest.CaptureFixture[str]) -> None:
