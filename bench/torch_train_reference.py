@@ -20,22 +20,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from ternary.bench.train_shape import add_shape_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n-embd", type=int, default=512)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--n-head-kv", type=int, default=4)
-    p.add_argument("--n-ff", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--ffn-act", choices=("silu", "relu2"), default="relu2")
+    add_shape_args(p)
     p.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3)
     return p.parse_args(argv)
 
 

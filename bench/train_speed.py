@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from ternary.bench.train_shape import add_shape_args
 from ternary.training import backend
 from ternary.training.config import ModelShape, OptimConfig
 from ternary.training.model import Transformer, init_params, param_shapes
@@ -29,18 +30,8 @@ from ternary.training.optim import Optimizer, clip_grad_norm_
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=backend.DEVICES, default="cuda")
-    p.add_argument("--n-embd", type=int, default=512)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--n-head-kv", type=int, default=4)
-    p.add_argument("--n-ff", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--ffn-act", choices=("silu", "relu2"), default="relu2")
+    add_shape_args(p)
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="also time each op (host and GPU time)")
     p.add_argument("--gemm", action="store_true", help="also time the GEMM kernel alone")
     return p.parse_args(argv)
