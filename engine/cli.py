@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 from ternary.engine.activations import normalize_mode
+from ternary.engine.sampling import DryParams, breakers_from_flags
 from ternary.formats.errors import GGUFError
 
 RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp: -1 (or LLAMA_DEFAULT_SEED) means a random seed
@@ -94,6 +95,21 @@ def _prompt_text(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--min-p", type=float, default=0.05, show_default=True)
 @click.option("--repeat-penalty", type=float, default=1.0, show_default=True)
 @click.option("--repeat-last-n", type=int, default=64, show_default=True)
+@click.option("--dry-multiplier", type=float, default=0.0, show_default=True, help="DRY strength (0 = off).")
+@click.option("--dry-base", type=float, default=1.75, show_default=True, help="DRY growth per extra token.")
+@click.option(
+    "--dry-allowed-length", type=int, default=2, show_default=True, help="Repeats up to N tokens are free."
+)
+@click.option(
+    "--dry-penalty-last-n", type=int, default=-1, show_default=True, help="DRY window (-1 = all, 0 = off)."
+)
+@click.option(
+    "--dry-sequence-breaker",
+    "dry_sequence_breakers",
+    multiple=True,
+    metavar="STRING",
+    help="Add a DRY sequence breaker, replacing the defaults (\\n : \" *); 'none' for no breakers.",
+)
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-generation tokens.")
 @click.option(
     "--act-quant", default="q8k", show_default=True, help="Activation quantization: q8k | per-token."
@@ -115,6 +131,11 @@ def run(
     min_p: float,
     repeat_penalty: float,
     repeat_last_n: int,
+    dry_multiplier: float,
+    dry_base: float,
+    dry_allowed_length: int,
+    dry_penalty_last_n: int,
+    dry_sequence_breakers: tuple[str, ...],
     ignore_eos: bool,
     act_quant: str,
     ffn_act: str | None,
@@ -133,6 +154,11 @@ def run(
         raise CliError(f"unknown --ffn-act {ffn_act!r}: expected silu or relu2")
     if ctx_size < 0:
         raise CliError(f"--ctx-size must be 0 (the model's) or positive, got {ctx_size}")
+    breakers = breakers_from_flags(dry_sequence_breakers)
+    try:
+        DryParams(dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, breakers)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
     start = time.perf_counter()
     engine = Engine(path, threads=threads, n_ctx=ctx_size or None, act_quant=act_quant, ffn_act=ffn_act)
@@ -149,6 +175,11 @@ def run(
         min_p=min_p,
         repeat_penalty=repeat_penalty,
         repeat_last_n=repeat_last_n,
+        dry_multiplier=dry_multiplier,
+        dry_base=dry_base,
+        dry_allowed_length=dry_allowed_length,
+        dry_penalty_last_n=dry_penalty_last_n,
+        dry_sequence_breakers=breakers,
         seed=None if seed in RANDOM_SEEDS else seed,
         stream=True,
         ignore_eos=ignore_eos,

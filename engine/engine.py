@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 from ternary.engine.load import CacheSetting
 from ternary.engine.model import load_transformer
-from ternary.engine.sampling import Sampler, SamplingParams
+from ternary.engine.sampling import DRY_DEFAULT_BREAKERS, DryParams, Sampler, SamplingParams
 from ternary.formats.model_file import open_model
 from ternary.formats.tokenizer import StreamDecoder, Tokenizer
 
@@ -252,6 +252,11 @@ class Engine:
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
         repeat_last_n: int = 64,
+        dry_multiplier: float = 0.0,
+        dry_base: float = 1.75,
+        dry_allowed_length: int = 2,
+        dry_penalty_last_n: int = -1,
+        dry_sequence_breakers: Sequence[str] = DRY_DEFAULT_BREAKERS,
         seed: int | None = None,
         stop: Sequence[str] | str = (),
         stream: bool = True,
@@ -259,6 +264,8 @@ class Engine:
     ) -> Iterator[str] | str:
         """Continue ``prompt`` (text, or token ids used as given).
 
+        Sampling follows llama.cpp (``ternary.engine.sampling``); ``dry_*`` is its DRY sampler (off while
+        ``dry_multiplier`` is 0), the prompt counting as history as it does there.
         Stops after ``max_tokens`` (None or -1: until an end-of-generation token or a full context), at an
         end-of-generation id (unless ``ignore_eos``), or at a stop string, which is not emitted.
         ``stream=True`` returns an iterator of text pieces (complete UTF-8 only), ``stream=False`` the text.
@@ -266,10 +273,12 @@ class Engine:
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         ids = self._check_ids(ids)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        breakers = dry_sequence_breakers  # DryParams makes a tuple of a list and refuses a bare string
+        dry = DryParams(dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, breakers)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, dry)
         stops = [stop] if isinstance(stop, str) else list(stop)
         limit = None if max_tokens is None or max_tokens < 0 else int(max_tokens)
-        pieces = self._generate(ids, Sampler(params), stops, limit, ignore_eos)
+        pieces = self._generate(ids, Sampler(params, self.tokenizer), stops, limit, ignore_eos)
         return pieces if stream else "".join(pieces)
 
     def _generate(

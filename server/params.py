@@ -1,11 +1,12 @@
 """Request bodies in, validated values out: every wrong type or value becomes a 400 naming the parameter.
 
 Names follow the OpenAI API (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`, `logprobs`, ...), llama-
-server's extensions (`top_k`, `min_p`, `repeat_penalty`, `repeat_last_n`) and Ollama's `options{num_ctx,
-num_predict, ...}`, so clients written for any of the three work unchanged. A top-level field wins over the
-same one in `options`. Unknown fields are ignored (clients send many); known fields this server cannot honour
-with a non-default value (n > 1, echo, tools, penalties other than repeat_penalty) are refused rather than
-silently dropped."""
+server's extensions (`top_k`, `min_p`, `repeat_penalty`, `repeat_last_n`, the DRY sampler's `dry_multiplier`,
+`dry_base`, `dry_allowed_length`, `dry_penalty_last_n`, `dry_sequence_breakers`) and Ollama's
+`options{num_ctx, num_predict, ...}` (Ollama has no DRY options), so clients written for any of the three work
+unchanged. A top-level field wins over the same one in `options`. Unknown fields are ignored (clients send
+many); known fields this server cannot honour with a non-default value (n > 1, echo, tools, penalties other
+than repeat_penalty and DRY) are refused rather than silently dropped."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ternary.engine.sampling import SamplingParams
+from ternary.engine.sampling import DryParams, SamplingParams
 from ternary.server.errors import APIError, invalid_type, invalid_value
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_DRY_BREAKERS = 16  # each distinct list costs a scan of the vocabulary
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Ollama `options` names that map onto a top-level field of the same meaning.
@@ -178,7 +180,7 @@ def parse_generation_options(
         "repeat_last_n": n_ctx if repeat_last_n == -1 else repeat_last_n,
         "seed": None if seed == -1 else seed,
     }
-    sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+    sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None}, dry=_dry(f))
 
     return GenerationOptions(
         max_tokens=max_tokens,
@@ -338,6 +340,35 @@ def _stop(f: dict[str, Any]) -> tuple[str, ...]:
             param, f"At most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}."
         )
     return tuple(s for s in stops if s)
+
+
+def _dry(f: dict[str, Any]) -> DryParams:
+    """llama-server's DRY fields (its defaults where absent; a dry_base below 1 is refused, not replaced)."""
+    given = {
+        "multiplier": _float(f, "dry_multiplier", lo=0.0, hi=None),
+        "base": _float(f, "dry_base", lo=1.0, hi=None),
+        "allowed_length": _int(f, "dry_allowed_length", lo=0, hi=None),
+        "penalty_last_n": _int(f, "dry_penalty_last_n", lo=-1, hi=None),
+        "sequence_breakers": _dry_breakers(f),
+    }
+    return DryParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def _dry_breakers(f: dict[str, Any]) -> tuple[str, ...] | None:
+    if "dry_sequence_breakers" not in f:
+        return None
+    param, value = f["dry_sequence_breakers"]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise invalid_type(param, "an array of strings", value)
+    if not value:
+        raise invalid_value(param, f"'{param}' must be a non-empty array of strings.")
+    if len(value) > MAX_DRY_BREAKERS:
+        raise invalid_value(
+            param, f"At most {MAX_DRY_BREAKERS} sequence breakers are supported, got {len(value)}."
+        )
+    if "" in value:
+        raise invalid_value(param, f"Invalid '{param}': an empty string breaks nothing.")
+    return tuple(value)
 
 
 def _logit_bias(f: dict[str, Any], n_vocab: int) -> dict[int, float]:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 from conftest import ORACLE
-from ternary.engine.sampling import SamplingParams
+from ternary.engine.sampling import DryParams, SamplingParams
 from ternary.formats.tokenizer import StreamDecoder, Tokenizer
 from ternary.server import params
 from ternary.server.chat_template import ChatTemplate
@@ -172,6 +172,21 @@ def test_ollama_options_are_aliases_and_top_level_wins():
     assert options({"ignore_eos": True}).ignore_eos and not options({}).ignore_eos
 
 
+def test_dry_fields_are_read_as_llama_server_names_them():
+    body = {
+        "dry_multiplier": 0.8,
+        "dry_base": 2,
+        "dry_allowed_length": 3,
+        "dry_penalty_last_n": 128,
+        "dry_sequence_breakers": ["\n", "def"],
+    }
+    assert options(body).sampling.dry == DryParams(0.8, 2.0, 3, 128, ("\n", "def"))
+    assert options({"dry_multiplier": 0.5}).sampling.dry == DryParams(multiplier=0.5)  # the rest: defaults
+    assert options({}).sampling.dry == DryParams() and not DryParams().enabled  # off unless asked for
+    # Ollama has no DRY options: an `options.dry_*` is an unknown option, ignored like the others
+    assert options({"options": {"dry_multiplier": 0.5}}).sampling.dry == DryParams()
+
+
 def test_legacy_completion_logprobs_is_an_int():
     o = options({"logprobs": 3}, chat=False)
     assert o.logprobs and o.top_logprobs == 3
@@ -212,6 +227,17 @@ def test_legacy_completion_logprobs_is_an_int():
         ({"presence_penalty": 0.5}, "presence_penalty", "invalid_value"),
         ({"tools": [{"type": "function"}]}, "tools", "invalid_value"),
         ({"options": []}, "options", "invalid_type"),
+        ({"dry_multiplier": -0.1}, "dry_multiplier", "invalid_value"),
+        ({"dry_multiplier": "0.8"}, "dry_multiplier", "invalid_type"),
+        ({"dry_base": 0.5}, "dry_base", "invalid_value"),
+        ({"dry_allowed_length": -1}, "dry_allowed_length", "invalid_value"),
+        ({"dry_allowed_length": 2.5}, "dry_allowed_length", "invalid_type"),
+        ({"dry_penalty_last_n": -2}, "dry_penalty_last_n", "invalid_value"),
+        ({"dry_sequence_breakers": []}, "dry_sequence_breakers", "invalid_value"),
+        ({"dry_sequence_breakers": "\n"}, "dry_sequence_breakers", "invalid_type"),
+        ({"dry_sequence_breakers": ["\n", 1]}, "dry_sequence_breakers", "invalid_type"),
+        ({"dry_sequence_breakers": ["\n", ""]}, "dry_sequence_breakers", "invalid_value"),
+        ({"dry_sequence_breakers": ["x"] * 17}, "dry_sequence_breakers", "invalid_value"),
         ({"options": {"num_predict": "many"}}, "options.num_predict", "invalid_type"),
     ],
 )
