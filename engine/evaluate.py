@@ -9,12 +9,18 @@ PPL = exp(mean NLL); bits per byte = total NLL / ln 2 / the byte length of the s
 models with different tokenizers comparable.
 
 The code eval asks for greedy completions of held-out Python function headers (`def name(args):` plus the
-docstring if any, dedented to column 0), cuts each completion where the function ends (the first non-blank
-line back at column 0, two blank lines in a row, end of generation, or the token limit; only complete lines
-are kept), and reports the share of header + completion that `ast.parse`s and `compile`s. An empty body counts
-as a failure.
+docstring if any, dedented to column 0). A task must fit the model: only functions whose tokenized prompt
+leaves at least `--code-min-room` tokens of context (default 256) are eligible, and the seeded sample of
+`--code-n` is drawn from those, so the score measures the model rather than its context length; how many
+held-out functions were left out for length is reported. Each completion runs until the function ends (the
+first non-blank line back at column 0, two blank lines in a row, end of generation) or the token limit
+(`--code-max-tokens`, default: all the room the context leaves); only complete lines are kept. The score is
+the share of header + completion that `ast.parse`s and `compile`s; an empty body counts as a failure.
+Decoding is greedy with llama.cpp's penalties (`--repeat-penalty`, the DRY sampler's `--dry-*` flags, off by
+default); the report records every decoding setting.
 
     ternary-eval model.gguf --ppl heldout/ --code --ctx 256 -t 4
+    ternary-eval --code --code-src heldout/ --dry-multiplier 0.8 --dry-sequence-breaker none
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from typing import Any, Protocol
 
 import click
 import numpy as np
+from ternary.engine.sampling import DryParams, SamplingParams, breakers_from_flags
 
 DEFAULT_CODE_SAMPLES = 100
-DEFAULT_CODE_MAX_TOKENS = 128
+DEFAULT_CODE_MAX_TOKENS = 0  # all the room the context leaves
+DEFAULT_CODE_MIN_ROOM = 256  # tokens of context a task's prompt must leave for the completion
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
 
@@ -259,10 +267,24 @@ def extract_function_prompts(
     return out
 
 
-def function_prompts(
-    path: str | os.PathLike, limit: int | None = DEFAULT_CODE_SAMPLES, seed: int = 0, methods: bool = False
-) -> list[FunctionPrompt]:
-    """Completion tasks from the `.py` files at `path`: all of them, or a seeded sample of `limit`."""
+@dataclass(frozen=True)
+class PromptSelection:
+    """The completion tasks drawn, out of how many held-out functions, and how many did not fit."""
+
+    prompts: list[FunctionPrompt]
+    n_found: int  # functions with a body to complete
+    n_too_long: int  # of those, left out by the `fits` rule
+
+
+def select_function_prompts(
+    path: str | os.PathLike,
+    limit: int | None = DEFAULT_CODE_SAMPLES,
+    seed: int = 0,
+    methods: bool = False,
+    fits: Callable[[FunctionPrompt], bool] | None = None,
+) -> PromptSelection:
+    """Completion tasks from the `.py` files at `path` that pass `fits` (None: all): all of them, or a seeded
+    sample of `limit`."""
     found: list[FunctionPrompt] = []
     for f in text_files(path):
         if f.suffix == ".py":
@@ -270,10 +292,41 @@ def function_prompts(
             found.extend(extract_function_prompts(text, str(f), methods=methods))
     if not found:
         raise EvalError(f"{path}: no Python functions with a body to complete")
-    if limit is not None and len(found) > limit:
-        keep = np.sort(np.random.default_rng(seed).choice(len(found), size=limit, replace=False))
-        found = [found[i] for i in keep]
-    return found
+    eligible = found if fits is None else [p for p in found if fits(p)]
+    if not eligible:
+        raise EvalError(f"{path}: none of the {len(found)} functions fits the context (see --code-min-room)")
+    too_long = len(found) - len(eligible)
+    if limit is not None and len(eligible) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(eligible), size=limit, replace=False))
+        eligible = [eligible[i] for i in keep]
+    return PromptSelection(eligible, len(found), too_long)
+
+
+def function_prompts(
+    path: str | os.PathLike,
+    limit: int | None = DEFAULT_CODE_SAMPLES,
+    seed: int = 0,
+    methods: bool = False,
+    fits: Callable[[FunctionPrompt], bool] | None = None,
+) -> list[FunctionPrompt]:
+    """The prompts of `select_function_prompts`."""
+    return select_function_prompts(path, limit, seed, methods, fits).prompts
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A prompt's tokens as the completion sees them: BOS when the vocabulary adds one, no special tokens."""
+    return tokenizer.encode(prompt, add_bos=bool(tokenizer.add_bos), parse_special=False)
+
+
+def leaves_room(engine: EvalEngine, min_room: int) -> Callable[[FunctionPrompt], bool]:
+    """The `fits` rule: the prompt leaves at least `min_room` tokens of the engine's context."""
+    if min_room < 1:
+        raise EvalError(f"--code-min-room must be at least 1 token, got {min_room}")
+    if min_room >= engine.n_ctx:
+        raise EvalError(
+            f"--code-min-room {min_room} leaves no room for a prompt in a context of {engine.n_ctx}"
+        )
+    return lambda p: len(prompt_ids(engine.tokenizer, p.prompt)) + min_room <= engine.n_ctx
 
 
 @dataclass
@@ -363,42 +416,101 @@ def check_completion(prompt: str, completion: str) -> CompletionCheck:
     return CompletionCheck(False, True, True)
 
 
+@dataclass(frozen=True)
+class CodeDecoding:
+    """How the code eval decodes: greedy, with llama.cpp's repetition penalty and DRY (off by default)."""
+
+    max_tokens: int = DEFAULT_CODE_MAX_TOKENS  # 0: all the room the context leaves
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    dry: DryParams = field(default_factory=DryParams)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0 (0: all the room), got {self.max_tokens}")
+        SamplingParams(temperature=0.0, repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting, named as `Engine.generate`'s arguments (and llama.cpp's)."""
+        d = self.dry
+        return {
+            "temperature": 0.0,
+            "max_tokens": self.max_tokens,
+            "repeat_penalty": self.repeat_penalty,
+            "repeat_last_n": self.repeat_last_n,
+            "dry_multiplier": d.multiplier,
+            "dry_base": d.base,
+            "dry_allowed_length": d.allowed_length,
+            "dry_penalty_last_n": d.penalty_last_n,
+            "dry_sequence_breakers": list(d.sequence_breakers),
+        }
+
+    def describe(self) -> str:
+        """The settings that act, as ternary-eval flags."""
+        parts = ["greedy", f"--code-max-tokens {self.max_tokens}" if self.max_tokens else "all the room"]
+        if self.repeat_penalty != 1.0:
+            parts.append(f"--repeat-penalty {self.repeat_penalty:g} --repeat-last-n {self.repeat_last_n}")
+        d = self.dry
+        if d.enabled:
+            breakers = " ".join(f"--dry-sequence-breaker {b!r}" for b in d.sequence_breakers)
+            parts.append(
+                f"--dry-multiplier {d.multiplier:g} --dry-base {d.base:g} --dry-allowed-length "
+                f"{d.allowed_length} --dry-penalty-last-n {d.penalty_last_n} "
+                + (breakers or "--dry-sequence-breaker none")
+            )
+        return ", ".join(parts)
+
+
 @dataclass
 class CodeEvalResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
+    decoding: CodeDecoding = field(default_factory=CodeDecoding)
+    selection: PromptSelection | None = None  # how the tasks were drawn, when known
+    min_room: int | None = None  # the rule that left functions out for length
 
     def summary(self) -> dict[str, Any]:
         n = len(self.samples)
         count = {k: sum(bool(s[k]) for s in self.samples) for k in ("parses", "compiles", "empty")}
-        return {
+        out = {
             "n": n,
             "parses": count["parses"],
             "compiles": count["compiles"],
             "empty": count["empty"],
             "parse_share": count["parses"] / n if n else 0.0,
             "compile_share": count["compiles"] / n if n else 0.0,
+            "decoding": self.decoding.settings(),
         }
+        if self.selection is not None:
+            out["held_out_functions"] = self.selection.n_found
+            out["left_out_for_length"] = self.selection.n_too_long
+            out["min_room"] = self.min_room
+        return out
 
     def line(self) -> str:
         s = self.summary()
-        return (
+        text = (
             f"code completion: {s['parses']}/{s['n']} parse ({100 * s['parse_share']:.1f}%), "
             f"{s['compiles']}/{s['n']} compile ({100 * s['compile_share']:.1f}%), {s['empty']} empty"
         )
+        if self.selection is not None:
+            text += (
+                f"; {self.selection.n_too_long} of {self.selection.n_found} held-out functions left out for "
+                f"length (< {self.min_room} tokens of room)"
+            )
+        return f"{text}; {self.decoding.describe()}"
 
 
-def complete(engine: EvalEngine, prompt: str, max_tokens: int, repeat_penalty: float = 1.0) -> str:
-    """The greedy completion of `prompt`, cut where the function ends (`repeat_penalty` as llama.cpp's)."""
-    tok = engine.tokenizer
-    ids = tok.encode(prompt, add_bos=bool(tok.add_bos), parse_special=False)
+def complete(engine: EvalEngine, prompt: str, decoding: CodeDecoding | None = None) -> str:
+    """The greedy completion of `prompt`, cut where the function ends ("" when the prompt fills the
+    context)."""
+    decoding = decoding or CodeDecoding()
+    ids = prompt_ids(engine.tokenizer, prompt)
     cut = CompletionCut()
     room = engine.n_ctx - len(ids)
     if room <= 0:
         return ""
-    budget = min(max_tokens, room)
-    for piece in engine.generate(
-        ids, max_tokens=budget, temperature=0.0, repeat_penalty=repeat_penalty, stream=True
-    ):
+    budget = min(decoding.max_tokens, room) if decoding.max_tokens > 0 else room
+    for piece in engine.generate(ids, **{**decoding.settings(), "max_tokens": budget}, stream=True):
         if cut.feed(piece):
             break
     return cut.text
@@ -407,13 +519,12 @@ def complete(engine: EvalEngine, prompt: str, max_tokens: int, repeat_penalty: f
 def code_completion(
     engine: EvalEngine,
     prompts: Iterable[FunctionPrompt],
-    max_tokens: int = DEFAULT_CODE_MAX_TOKENS,
+    decoding: CodeDecoding | None = None,
     progress: Callable[[int, CompletionCheck], None] | None = None,
-    repeat_penalty: float = 1.0,
 ) -> CodeEvalResult:
-    result = CodeEvalResult()
+    result = CodeEvalResult(decoding=decoding or CodeDecoding())
     for i, p in enumerate(prompts):
-        completion = complete(engine, p.prompt, max_tokens, repeat_penalty)
+        completion = complete(engine, p.prompt, result.decoding)
         check = check_completion(p.prompt, completion)
         result.samples.append({"source": p.source, "name": p.name, "completion": completion, **vars(check)})
         if progress is not None:
@@ -431,15 +542,31 @@ def code_completion(
 @click.option("--code", is_flag=True, help="complete function headers from the --code-src (or --ppl) files")
 @click.option("--code-src", type=click.Path(), help="Python file or folder for --code (default: --ppl)")
 @click.option("--code-n", default=DEFAULT_CODE_SAMPLES, show_default=True, help="functions to complete")
-@click.option("--code-max-tokens", default=DEFAULT_CODE_MAX_TOKENS, show_default=True)
+@click.option(
+    "--code-max-tokens", default=DEFAULT_CODE_MAX_TOKENS, show_default=True, help="0: all the room left"
+)
+@click.option(
+    "--code-min-room", default=DEFAULT_CODE_MIN_ROOM, show_default=True,
+    help="tasks must leave this many tokens of context",
+)  # fmt: skip
 @click.option("--code-methods", is_flag=True, help="also methods and nested functions (dedented)")
 @click.option("--repeat-penalty", default=1.0, show_default=True, help="for --code's greedy decoding")
+@click.option("--repeat-last-n", default=64, show_default=True, help="tokens the repeat penalty looks at")
+@click.option("--dry-multiplier", default=0.0, show_default=True, help="DRY sampler strength (0: off)")
+@click.option("--dry-base", default=1.75, show_default=True)
+@click.option("--dry-allowed-length", default=2, show_default=True)
+@click.option("--dry-penalty-last-n", default=-1, show_default=True, help="-1: the whole context")
+@click.option(
+    "--dry-sequence-breaker", "dry_breakers", multiple=True, metavar="STRING",
+    help="replaces the defaults (\\n : \" *) as llama.cpp; 'none': no breakers",
+)  # fmt: skip
 @click.option("-c", "--ctx", "--ctx-size", "n_ctx", default=0, help="chunk length (0: the model's context)")
 @click.option("--chunks", default=-1, help="at most this many chunks (-1: all), as llama-perplexity")
 @click.option("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the numbers here")
-def main(model, model_opt, ppl_path, code, code_src, code_n, code_max_tokens, code_methods, repeat_penalty,
-         n_ctx, chunks, threads, json_out) -> None:  # fmt: skip
+def main(model, model_opt, ppl_path, code, code_src, code_n, code_max_tokens, code_min_room, code_methods,
+         repeat_penalty, repeat_last_n, dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
+         dry_breakers, n_ctx, chunks, threads, json_out) -> None:  # fmt: skip
     """MODEL defaults to the bundled model (ternary.models.default_model_path())."""
     from ternary.formats.errors import GGUFError
 
@@ -462,7 +589,14 @@ def main(model, model_opt, ppl_path, code, code_src, code_n, code_max_tokens, co
         if not Path(path).is_file():
             raise EvalError(f"{path}: no such model file")
         text = read_texts(ppl_path) if ppl_path else None
-        prompts = function_prompts(src, code_n, methods=code_methods) if code else None
+        if code:
+            text_files(src)  # a wrong path fails before the model loads
+            try:
+                dry = DryParams(dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
+                                breakers_from_flags(dry_breakers))  # fmt: skip
+                decoding = CodeDecoding(code_max_tokens, repeat_penalty, repeat_last_n, dry)
+            except ValueError as exc:
+                raise EvalError(str(exc)) from None
         t0 = time.perf_counter()
         engine = open_engine(path, threads=threads, n_ctx=n_ctx or None)
         say(f"loaded {path} in {time.perf_counter() - t0:.1f} s (n_ctx {engine.n_ctx})")
@@ -473,11 +607,17 @@ def main(model, model_opt, ppl_path, code, code_src, code_n, code_max_tokens, co
             )
             click.echo(res.line())
             report["perplexity"] = dataclasses.asdict(res)
-        if prompts is not None:
+        if code:
+            fits = leaves_room(engine, code_min_room)
+            selection = select_function_prompts(src, code_n, methods=code_methods, fits=fits)
+            n = len(selection.prompts)
             cres = code_completion(
-                engine, prompts, code_max_tokens,
-                lambda i, c: say(f"[{i}/{len(prompts)}] {'ok' if c.compiles else c.error}"), repeat_penalty,
-            )  # fmt: skip
+                engine,
+                selection.prompts,
+                decoding,
+                lambda i, c: say(f"[{i}/{n}] {'ok' if c.compiles else c.error}"),
+            )
+            cres.selection, cres.min_room = selection, code_min_room
             click.echo(cres.line())
             report["code_completion"] = {**cres.summary(), "samples": cres.samples}
         if json_out:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from conftest import ORACLE
 from ternary.engine import evaluate
 from ternary.engine.evaluate import (
+    CodeDecoding,
     CompletionCut,
     EvalError,
     check_completion,
@@ -20,6 +21,7 @@ from ternary.engine.evaluate import (
     extract_function_prompts,
     perplexity_of_tokens,
 )
+from ternary.engine.sampling import DryParams
 
 ORACLE_MODEL = ORACLE / "tiny-tq2_0-f16.gguf"
 SNIPPET = (ORACLE / "prompt.txt").read_text() + "\n"
@@ -231,21 +233,85 @@ class CannedEngine:
 def test_code_completion_plumbing(oracle_engine):
     prompts = extract_function_prompts(SOURCE)
     canned = CannedEngine(oracle_engine.tokenizer, "    return 1\n\n\nfoo = 2\n")
-    res = evaluate.code_completion(canned, prompts, max_tokens=16)
+    res = evaluate.code_completion(canned, prompts, CodeDecoding(max_tokens=16))
     s = res.summary()
     assert s["n"] == len(prompts) and s["parses"] == s["compiles"] == len(prompts)
     assert all(sample["completion"] == "    return 1\n\n" for sample in res.samples)
     ids, kwargs = canned.calls[0]
     assert ids[0] == oracle_engine.tokenizer.bos_id and kwargs["temperature"] == 0.0
     assert kwargs["max_tokens"] == 16
+    assert kwargs["repeat_penalty"] == 1.0 and kwargs["dry_multiplier"] == 0.0  # plain greedy by default
+
+
+def test_every_decoding_setting_reaches_the_engine_and_the_report(oracle_engine):
+    dry = DryParams(multiplier=0.8, base=2.0, allowed_length=3, penalty_last_n=100, sequence_breakers=())
+    decoding = CodeDecoding(max_tokens=0, repeat_penalty=1.3, repeat_last_n=32, dry=dry)
+    canned = CannedEngine(oracle_engine.tokenizer, "    return 1\n")
+    res = evaluate.code_completion(canned, extract_function_prompts(SOURCE)[:1], decoding)
+    ids, kwargs = canned.calls[0]
+    expected = {"temperature": 0.0, "max_tokens": canned.n_ctx - len(ids), "repeat_penalty": 1.3,
+                "repeat_last_n": 32, "dry_multiplier": 0.8, "dry_base": 2.0, "dry_allowed_length": 3,
+                "dry_penalty_last_n": 100, "dry_sequence_breakers": [], "stream": True}  # fmt: skip
+    assert kwargs == expected  # max_tokens 0: all the room the prompt leaves
+    report = res.summary()["decoding"]
+    assert report == {k: v for k, v in {**expected, "max_tokens": 0}.items() if k != "stream"}
+    assert "--repeat-penalty 1.3" in res.line() and "--dry-multiplier 0.8" in res.line()
+    assert "--dry-sequence-breaker none" in res.line()
+    with pytest.raises(ValueError, match="max_tokens"):
+        CodeDecoding(max_tokens=-1)
+    with pytest.raises(ValueError, match="repeat_penalty"):
+        CodeDecoding(repeat_penalty=0.0)
+
+
+def write_functions(folder, docstring_lines: dict[str, int]) -> None:
+    """One module per function `name` whose docstring has the given number of lines."""
+    folder.mkdir(exist_ok=True)
+    for name, n in docstring_lines.items():
+        doc = "".join(f"    line {i} of the text\n" for i in range(n))
+        (folder / f"{name}.py").write_text(f'def {name}(x):\n    """{name}.\n{doc}    """\n    return x\n')
+
+
+def test_tasks_are_drawn_from_those_that_fit(tmp_path):
+    sizes = {f"f{i}": (0 if i % 3 else 40) for i in range(12)}  # every third one has a long docstring
+    write_functions(tmp_path / "all", sizes)
+    write_functions(tmp_path / "short", {k: v for k, v in sizes.items() if v == 0})
+
+    def short(p):
+        return p.prompt.count("\n") < 10
+
+    for limit in (None, 5):
+        sel = evaluate.select_function_prompts(tmp_path / "all", limit, seed=3, fits=short)
+        assert sel.n_found == 12 and sel.n_too_long == 4
+        same = evaluate.function_prompts(tmp_path / "short", limit, seed=3)  # the sample of the fitting ones
+        assert [p.name for p in sel.prompts] == [p.name for p in same]
+        assert all(short(p) for p in sel.prompts) and len(sel.prompts) == (limit or 8)
+    assert evaluate.select_function_prompts(tmp_path / "all", None).n_too_long == 0  # no rule: all eligible
+    with pytest.raises(EvalError, match="none of the 12 functions fits"):
+        evaluate.select_function_prompts(tmp_path / "all", 5, fits=lambda p: False)
+
+
+def test_leaves_room_counts_the_prompt_tokens(oracle_engine):
+    prompt = extract_function_prompts(SOURCE)[1]  # "documented"
+    n_ids = len(oracle_engine.tokenizer.encode(prompt.prompt, add_bos=True, parse_special=False))
+    room = oracle_engine.n_ctx - n_ids
+    assert evaluate.leaves_room(oracle_engine, room)(prompt)
+    assert not evaluate.leaves_room(oracle_engine, room + 1)(prompt)
+    with pytest.raises(EvalError, match="at least 1"):
+        evaluate.leaves_room(oracle_engine, 0)
+    with pytest.raises(EvalError, match="leaves no room"):
+        evaluate.leaves_room(oracle_engine, oracle_engine.n_ctx)
 
 
 def test_greedy_completion_on_oracle_engine_is_cut(oracle_engine):
     # a random-weight model: the completion is noise, but it is cut to whole lines and checked without error
-    completion = evaluate.complete(oracle_engine, "def f(x):\n", max_tokens=8)
+    completion = evaluate.complete(oracle_engine, "def f(x):\n", CodeDecoding(max_tokens=8))
     assert completion == "" or completion.endswith("\n")
     check = check_completion("def f(x):\n", completion)
     assert check.empty or check.parses or check.error
+    dry = CodeDecoding(max_tokens=8, dry=DryParams(multiplier=0.8))  # DRY with llama.cpp's default breakers
+    assert evaluate.complete(oracle_engine, "def f(x):\n", dry) == cut_completion(
+        oracle_engine.generate("def f(x):\n", max_tokens=8, temperature=0, dry_multiplier=0.8, stream=False)
+    )
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -268,6 +334,33 @@ def test_cli_perplexity_and_errors(tmp_path):
         ([str(ORACLE_MODEL), "--code"], "--code needs Python files"),
     ]:
         result = runner.invoke(evaluate.main, args)
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_cli_code_eval_reports_fit_and_decoding(tmp_path):
+    write_functions(tmp_path / "src", {f"f{i}": (0 if i % 2 else 30) for i in range(6)})  # 3 too long
+    report_path = tmp_path / "code.json"
+    args = [str(ORACLE_MODEL), "--code", "--code-src", str(tmp_path / "src"), "-c", "64", "-t", "1",
+            "--code-min-room", "32", "--code-max-tokens", "4", "--code-n", "2", "--dry-multiplier", "0.5",
+            "--dry-sequence-breaker", "none", "--dry-sequence-breaker", "\\n",
+            "--json", str(report_path)]  # fmt: skip
+    result = CliRunner().invoke(evaluate.main, args)
+    assert result.exit_code == 0, result.output
+    assert "3 of 6 held-out functions left out for length (< 32 tokens of room)" in result.output
+    code = json.loads(report_path.read_text())["code_completion"]
+    assert (code["n"], code["held_out_functions"], code["left_out_for_length"], code["min_room"]) == (
+        2,
+        6,
+        3,
+        32,
+    )
+    assert code["decoding"]["dry_multiplier"] == 0.5 and code["decoding"]["dry_sequence_breakers"] == ["\n"]
+    assert code["decoding"]["max_tokens"] == 4 and code["decoding"]["temperature"] == 0.0
+    assert {s["name"] for s in code["samples"]} <= {"f1", "f3", "f5"}
+    for bad, message in [(["--dry-base", "0.5"], "dry_base must be"),
+                         (["--code-min-room", "64"], "leaves no room"),
+                         (["--code-max-tokens", "-1"], "max_tokens must be >= 0")]:  # fmt: skip
+        result = CliRunner().invoke(evaluate.main, args[:-2] + bad)
         assert result.exit_code == 1 and message in result.output, result.output
 
 
