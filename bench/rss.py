@@ -84,7 +84,7 @@ def group_of(name: str, model: str) -> str:
     """Which of ``GROUPS`` a mapping belongs to."""
     if name.endswith(".tnrp"):
         return "repack cache"
-    if name == model:
+    if name and name == model:
         return "model file"
     if ".so" in os.path.basename(name):
         return "shared libraries"

@@ -6,6 +6,9 @@ step-by-step path. The first load of a model decodes each GGUF tensor, packs it 
 read (so the file's pages and the packed copy are not resident together); the arrays go to the repack cache
 (``repack_cache.RepackCache``), and later loads memory-map them. Models whose packed weights are below
 ``MIN_CACHED_BYTES`` are repacked every time: that takes milliseconds and leaves no files behind.
+
+The per-block ``group_scales`` of a linear whose every row group is uniform are never read by the kernels
+(they use ``row_scales``): such arrays are stored as the cache's cold arrays, so they stay out of memory.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ternary.engine.repack_cache import RepackCache
 from ternary.engine.simd import BLOCK
 from ternary.formats.model_file import LINEAR_NAMES, ModelFile
 
-STACK_FORMAT = 1  # names and shapes of the cached stacked arrays; part of the cache key
+STACK_FORMAT = 2  # names, shapes and order of the cached stacked arrays; part of the cache key
 MIN_CACHED_BYTES = 8 << 20  # packed ternary bytes below which the cache is not used
 PROGRESS_BYTES = 256 << 20  # a progress bar for repacks of at least this many bytes of ternary tensors
 
@@ -56,7 +59,7 @@ def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str,
         arrays = repack(mf)
         if store is not None:
             try:
-                store.store(mf.path, arrays, extra)
+                store.store(mf.path, arrays, extra, cold=unread_scales(arrays))
             except OSError as exc:
                 warnings.warn(
                     f"repack cache not written ({exc}); the model is repacked on every load",
@@ -65,9 +68,6 @@ def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str,
                 )
             else:
                 arrays = store.load(mf.path, extra, verify=False) or arrays  # the memory-mapped copy
-    if store is not None:
-        for name in LINEAR_NAMES:  # read only for groups with per-block scales: let the rest leave memory
-            release_pages(arrays[f"{name}.group_scales"], unmodified=True)
     out = {}
     for name in LINEAR_NAMES:
         lins = [mf.layer(il).linears()[name] for il in range(mf.config.n_layer)]
@@ -76,6 +76,11 @@ def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str,
         fields = {f: arrays[f"{name}.{f}"] for f in PLANAR_FIELDS}
         out[name] = StackedLinear(**fields, scale=scale, has_scale=has, n_out=lins[0].shape[0])
     return out
+
+
+def unread_scales(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The ``<kind>.group_scales`` arrays no kernel reads: those of kinds whose row groups are all uniform."""
+    return [f"{n}.group_scales" for n in LINEAR_NAMES if arrays[f"{n}.group_uniform"].all()]
 
 
 def planar_misfit(mf: ModelFile) -> str | None:
@@ -138,6 +143,7 @@ def _progress(total: int, label: str) -> Iterator:
 
 
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+COMPILER_LIBRARY = "libllvmlite"  # file name prefix of LLVM's library as llvmlite ships it
 
 
 def release_pages(view: np.ndarray, unmodified: bool = False) -> None:
@@ -157,3 +163,49 @@ def release_pages(view: np.ndarray, unmodified: bool = False) -> None:
     if last > first:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def release_compiler_pages(library: str = COMPILER_LIBRARY) -> int:
+    """Drop the resident pages of LLVM's library once the kernels are loaded; returns the bytes dropped.
+
+    Numba runs LLVM only to compile or load a kernel; after that its code and read-only data (~65 MiB for a
+    model's kernels) would sit in memory unused. Only mappings that are not writable and hold no private
+    (written or anonymous) pages are dropped: their pages are the file's own bytes, read back transparently
+    if LLVM runs again (a kernel for new argument types). Best effort: nothing happens without
+    ``/proc/self/smaps`` or madvise.
+    """
+    if _MADV_DONTNEED is None:
+        return 0
+    try:
+        maps = _clean_read_only_maps(library)
+    except OSError:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    dropped = 0
+    for start, end, resident in maps:
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
+            dropped += resident
+    return dropped
+
+
+def _clean_read_only_maps(library: str) -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of every read-only mapping of a file named ``library*`` whose pages are
+    all the file's (``/proc/self/smaps``: no Private_Dirty, no Anonymous)."""
+    found, current = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header: range, perms, offset, dev, inode, path
+                path = fields[5] if len(fields) > 5 else ""
+                mine = os.path.basename(path).startswith(library) and "w" not in fields[1]
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                current = {"range": (start, end)} if mine else None
+                if mine:
+                    found.append(current)
+            elif current is not None and fields[0] in ("Rss:", "Private_Dirty:", "Anonymous:"):
+                current[fields[0]] = int(fields[1]) * 1024
+    return [
+        (*m["range"], m.get("Rss:", 0))
+        for m in found
+        if m.get("Private_Dirty:", 1) == 0 and m.get("Anonymous:", 1) == 0
+    ]

@@ -11,10 +11,16 @@ on disk, ``load.py``) and runs all layers of a batch in one jitted call (``fused
 ``reference`` keeps one int8 code per weight and runs layer by layer (``TernaryMatrix``). In ``q8k`` mode both
 give the same bits. Traces (``trace=``), ``run_layer`` and swapped ``activations`` quantizers take the
 step-by-step path.
+
+Memory: ``load_transformer`` ends by loading every kernel of the planar forward through a twin with no layers
+and a one-row head (``Transformer.load_kernels``), which touches no weights, then lets LLVM's library pages
+go (``load.release_compiler_pages``) and drops the model file's pages (``GGUFFile.release_pages``): the
+weights and the head become resident when the first forward reads them, without LLVM's ~65 MiB beside them.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,9 +30,14 @@ import numba
 import numpy as np
 from ternary.engine import activations, attention, cpu_features, kernels, simd
 from ternary.engine.fused import StackedLinear, forward_layers
-from ternary.engine.head_kernels import head_matrix
+from ternary.engine.head_kernels import F16Head, Q6KHead, Q8_0Head, head_matrix
 from ternary.engine.kv_cache import KVCache
-from ternary.engine.load import CacheSetting, load_stacked_linears, planar_misfit
+from ternary.engine.load import (
+    CacheSetting,
+    load_stacked_linears,
+    planar_misfit,
+    release_compiler_pages,
+)
 from ternary.engine.weights import DenseMatrix, PlanarQ8KMatrix, TernaryMatrix, dense_matrix
 from ternary.formats import quants
 from ternary.formats.model_file import LINEAR_NAMES, ModelFile
@@ -198,6 +209,26 @@ class Transformer:
         record("result_norm", y)
         return self.head.matmul(y)
 
+    def load_kernels(self) -> bool:
+        """Load (from Numba's cache, or compile) every kernel the fused forward runs, reading no weights.
+
+        Runs one token through a twin of this model with no layers, a one-row head and a one-position KV
+        cache: the same Python path and argument types as a real forward, so no kernel is left for the first
+        forward to load, while the stacked weights, the head and the KV cache stay untouched. False (nothing
+        done) where the forward would not take the fused path.
+        """
+        if self.stacked is None or not _quantizers_as_imported():
+            return False
+        cfg = self.config
+        twin = copy.copy(self)
+        twin._norms = tuple(None if n is None else n[:0] for n in self._norms)
+        twin.embedding = _first_row(self.embedding)
+        twin.head = twin.embedding if self.head is self.embedding else _first_row(self.head)
+        twin.cache = KVCache(cfg.n_layer, 1, 1, cfg.n_head_kv, cfg.head_dim)
+        with np.errstate(all="ignore"):  # no layers: the residual sum reads an unwritten buffer
+            twin.forward([0], [0], [0])
+        return True
+
     def _fused_layers(
         self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, rope: tuple[np.ndarray, np.ndarray]
     ) -> None:
@@ -295,6 +326,14 @@ def _stacked_norms(layers: Sequence[Layer]) -> tuple[np.ndarray | None, ...]:
     return tuple(stack(f) for f in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"))
 
 
+def _first_row(matrix: DenseMatrix) -> DenseMatrix:
+    """A head of ``matrix``'s kind over its first row only (same kernels and argument types); other kinds
+    as they are."""
+    if not isinstance(matrix, (Q6KHead, Q8_0Head, F16Head)):
+        return matrix
+    return type(matrix)(matrix.raw[: matrix.row_bytes], (1, matrix.n_in), matrix.isa.name)
+
+
 def _or_empty(a: np.ndarray | None) -> np.ndarray:
     return np.zeros((1, 1), dtype=np.float32) if a is None else a
 
@@ -365,7 +404,7 @@ def load_transformer(
         )
     embedding = dense(mf.token_embd)
     head = embedding if mf.config.tied_head else dense(mf.output)
-    return Transformer(
+    model = Transformer(
         mf.config,
         embedding,
         head,
@@ -378,3 +417,7 @@ def load_transformer(
         stacked=stacked,
         kernel_path=kernel_path,
     )
+    if model.load_kernels():  # before the first forward makes the weights and the head resident
+        release_compiler_pages()
+    mf.gguf.release_pages()  # what was read is copied; the head's pages come back as the forward reads them
+    return model

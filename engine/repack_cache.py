@@ -11,6 +11,12 @@ name.
 File layout: ``b"TNRYPACK"``, u32 format version, u32 header length, 32-byte SHA-256 of the header, the header
 (UTF-8 JSON: layout version, key, source identity, data size, data CRC-32, arrays with dtype/shape/offset),
 then the arrays, each at a 128-byte aligned offset (so the memory-mapped arrays keep the kernels' alignment).
+Arrays the caller marks ``cold`` (kept, but rarely or never read) come last, from a 2 MiB boundary: the page
+cache holds a file in folios of up to 2 MiB and a fault maps the whole folio, so a cold array sharing one with
+a hot neighbour would become resident with it.
+
+Loading maps the file and reads nothing through the map: the CRC is computed from ordinary reads, so a page
+of the weights becomes part of the process only when a kernel first reads it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import struct
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,8 @@ import numpy as np
 MAGIC = b"TNRYPACK"
 FORMAT_VERSION = 1
 ALIGNMENT = 128
+COLD_ALIGNMENT = 2 << 20  # the largest page-cache folio on x86-64 / arm64 with 4 KiB pages
+_CRC_CHUNK = 1 << 20  # bytes per read while checking the data CRC
 SUFFIX = ".tnrp"
 ENV_DIR = "TERNARY_CACHE_DIR"
 _PREFIX = struct.Struct("<8sII32s")  # magic, format version, header length, header SHA-256
@@ -108,16 +116,31 @@ class RepackCache:
 
     # ------------------------------------------------------------ store
 
-    def store(self, source: str | os.PathLike, arrays: dict[str, np.ndarray], extra: str = "") -> Path:
-        """Write ``arrays`` atomically as the cache of ``source``; older caches of that source are removed."""
+    def store(
+        self,
+        source: str | os.PathLike,
+        arrays: dict[str, np.ndarray],
+        extra: str = "",
+        cold: Collection[str] = (),
+    ) -> Path:
+        """Write ``arrays`` atomically as the cache of ``source``; older caches of that source are removed.
+
+        Arrays named in ``cold`` are stored after the others, from a ``COLD_ALIGNMENT`` boundary.
+        """
         path = self.path_for(source, extra)
         key = self.key(source, extra)
+        unknown = set(cold) - set(arrays)
+        if unknown:
+            raise ValueError(f"repack cache: cold arrays {sorted(unknown)} are not among the arrays")
+        order = [n for n in arrays if n not in cold] + [n for n in arrays if n in cold]
         entries, blobs, offset = [], [], 0
-        for name, arr in arrays.items():
-            arr = np.ascontiguousarray(arr)
+        for i, name in enumerate(order):
+            arr = np.ascontiguousarray(arrays[name])
             if arr.dtype.kind not in "biuf":
                 raise ValueError(f"repack cache: array {name!r} has unsupported dtype {arr.dtype}")
-            offset = -(-offset // ALIGNMENT) * ALIGNMENT
+            first_cold = name in cold and (i == 0 or order[i - 1] not in cold)
+            align = COLD_ALIGNMENT if first_cold else ALIGNMENT
+            offset = -(-offset // align) * align
             data = arr.reshape(-1).view(np.uint8)
             entries.append(
                 {
@@ -140,7 +163,7 @@ class RepackCache:
         }
         crc, end = 0, 0
         for rel, data in blobs:  # the whole data region, alignment padding included
-            crc = zlib.crc32(data, zlib.crc32(bytes(rel - end), crc))
+            crc = zlib.crc32(data, _zeros_crc32(rel - end, crc))
             end = rel + data.nbytes
         header["data_crc32"] = crc
         raw = json.dumps(header, sort_keys=True).encode()
@@ -184,6 +207,26 @@ class RepackCache:
         return built if fresh is None else fresh  # None: the file vanished between store and load
 
 
+def _zeros_crc32(n: int, crc: int) -> int:
+    """``crc`` continued over ``n`` zero bytes (alignment padding), without an ``n``-byte buffer."""
+    block = bytes(min(n, _CRC_CHUNK))
+    while n > 0:
+        crc = zlib.crc32(block[:n], crc)
+        n -= len(block)
+    return crc
+
+
+def _file_crc32(path: Path, start: int) -> int:
+    """CRC-32 of ``path`` from byte ``start`` to the end, read through a small buffer (not a map)."""
+    crc, buf = 0, bytearray(_CRC_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
 def _data_start(header_len: int) -> int:
     return -(-(_PREFIX.size + header_len) // ALIGNMENT) * ALIGNMENT
 
@@ -215,9 +258,9 @@ def _read(path: Path, key: str, layout_version: int, verify: bool) -> dict[str, 
     expected = data_start + header.get("data_bytes", -1)
     if size != expected:
         raise CacheRejected(f"truncated or padded: {size} bytes, expected {expected}")
-    mm = np.memmap(path, dtype=np.uint8, mode="c")
-    if verify and zlib.crc32(mm[data_start:]) != header.get("data_crc32"):
+    if verify and _file_crc32(path, data_start) != header.get("data_crc32"):
         raise CacheRejected("data checksum mismatch")
+    mm = np.memmap(path, dtype=np.uint8, mode="c")
     arrays = {}
     for e in header["arrays"]:
         start = data_start + e["offset"]

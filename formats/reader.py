@@ -6,7 +6,8 @@ I2_S (type 36). Every count and length is checked against the bytes actually lef
 is allocated, and every tensor's data must lie, aligned, inside the file, so a damaged file always ends in
 ``GGUFError("<file>: <key or tensor>: <problem>")``. Type ids, block sizes and names come from the ``gguf``
 package. Tensor bytes are read-only views into the map; nothing is copied until
-``dequantize``/``ternary_codes``.
+``dequantize``/``ternary_codes``. The header's pages are let go once parsed (its values are Python objects
+now), and ``release_pages()`` lets every page go once a caller has copied what it needs.
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ class GGUFFile:
         infos = [self._tensor_info(cur, i) for i in range(n_tensors)]
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
         self._place_tensors(infos)
+        self.release_pages(0, cur.pos)
 
     def _alignment(self) -> int:
         if "general.alignment" not in self.metadata:
@@ -332,6 +334,21 @@ class GGUFFile:
             return quants.ternary_codes(t.ggml_type, t.raw, t.shape)
         except ValueError as e:
             raise GGUFError(self.path, name, str(e)) from None
+
+    def release_pages(self, start: int = 0, end: int | None = None) -> None:
+        """Take the resident pages of bytes [start, end) (default: the whole file) out of this process.
+
+        The map is read-only and shared, so nothing is lost: views stay valid and a page is read back from
+        the file (usually from the page cache) when next touched. Best effort: nothing happens where madvise
+        is unavailable.
+        """
+        if self._mmap is None or not hasattr(self._mmap, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        first = start // page * page  # a page partly in the range goes too: it is read back if needed
+        stop = self.file_size if end is None else min(end, self.file_size)
+        if stop > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, stop - first)
 
     def close(self) -> None:
         """Drop the map. Views handed out earlier keep the pages alive until they are garbage-collected."""
