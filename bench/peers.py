@@ -1,13 +1,16 @@
-"""Peers side by side: llama.cpp's and ik_llama.cpp's ``llama-bench`` on the same model, threads, -p, -n, -r.
+"""Peers side by side: llama.cpp's, ik_llama.cpp's and bitnet.cpp's ``llama-bench`` with our -t, -p, -n, -r.
 
 * llama.cpp runs the model as it is (TQ2_0);
 * ik_llama.cpp runs it as IQ2_BN, its ternary type (made once next to the model: llama.cpp's
   ``llama-quantize`` to F16 — ik's quantizer fails on TQ2_0 input — then ik's ``llama-quantize`` to IQ2_BN),
-  plain and with run-time repacking to IQ2_BN_R4 (``-rtr 1``, its fastest CPU path).
+  plain and with run-time repacking to IQ2_BN_R4 (``-rtr 1``, its fastest CPU path);
+* bitnet.cpp (microsoft/BitNet) runs it as I2_S, its x86 ternary type with one scale per tensor, written once
+  next to the model by our own writer (``write_i2s_copy``): the same codes and scales, the head and norms
+  copied byte for byte, so every engine multiplies the same weights.
 
-Binaries default to the builds under /work/peers; ``$TERNARY_LLAMA_CPP_BIN`` and ``$TERNARY_IK_LLAMA_BIN``
-name other ``build/bin`` folders. ``compare_with_peers`` prints every engine's median t/s per test and our
-ratio to each.
+Binaries default to the builds under /work/peers; ``$TERNARY_LLAMA_CPP_BIN``, ``$TERNARY_IK_LLAMA_BIN`` and
+``$TERNARY_BITNET_CPP_BIN`` name other ``build/bin`` folders. ``compare_with_peers`` prints every engine's
+median t/s per test and our ratio to each.
 
     python -m ternary.bench.peers MODEL.gguf -t 2 -p 128 -n 64 -r 5     # peers only, JSON lines out
 """
@@ -19,12 +22,19 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from ternary.formats import quants
+from ternary.formats.model_file import ModelFile, is_linear_weight, open_model
+from ternary.formats.reader import TensorInfo
+from ternary.formats.writer import write_model
+
 DEFAULT_LLAMA_CPP = "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
 DEFAULT_IK_LLAMA = "/work/peers/ik/build/bin"
+DEFAULT_BITNET_CPP = "/work/peers/bitnet/build/bin"
 
 
 @dataclass(frozen=True)
@@ -48,10 +58,12 @@ class Peer:
 def default_peers() -> list[Peer]:
     llama = Path(os.environ.get("TERNARY_LLAMA_CPP_BIN", DEFAULT_LLAMA_CPP))
     ik = Path(os.environ.get("TERNARY_IK_LLAMA_BIN", DEFAULT_IK_LLAMA))
+    bitnet = Path(os.environ.get("TERNARY_BITNET_CPP_BIN", DEFAULT_BITNET_CPP))
     return [
         Peer("llama.cpp TQ2_0", llama),
         Peer("ik_llama.cpp IQ2_BN", ik, "iq2_bn"),
         Peer("ik_llama.cpp IQ2_BN -rtr", ik, "iq2_bn", ("-rtr", "1")),
+        Peer("bitnet.cpp I2_S", bitnet, "i2_s"),
     ]
 
 
@@ -63,12 +75,101 @@ def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
     return done
 
 
+class I2STensors(Mapping):
+    """``write_model``'s tensors for an I2_S copy: each ternary linear as codes × its one scale (made on
+    access, so a 2B model never holds more than one float matrix), every other tensor as the file's bytes."""
+
+    def __init__(self, model: ModelFile) -> None:
+        self.model = model
+        self.tensors = model.gguf.tensors
+
+    def __getitem__(self, name: str) -> np.ndarray | TensorInfo:
+        t = self.tensors[name]
+        if not is_linear_weight(name):
+            return t
+        codes, scales, _ = quants.ternary_codes(t.ggml_type, t.raw, t.shape)
+        scale = scales.flat[0] if scales.size else np.float32(0)
+        if np.any(scales != scale):
+            raise ValueError(
+                f"{self.model.path}: {name}: {len(np.unique(scales))} different block scales; I2_S keeps one "
+                "scale per tensor, so an I2_S copy would not be the same model"
+            )
+        return codes.astype(np.float32) * np.float32(scale)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def write_i2s_copy(model: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Write ``model`` (TQ1_0 / TQ2_0 / I2_S linears, one scale per tensor) as an I2_S GGUF bitnet.cpp loads.
+
+    Our own writer does it, so a bitnet.cpp run also proves the writer's I2_S: same architecture, config and
+    tokenizer; linears re-encoded as I2_S; embedding, head, norms and ``.scale`` tensors copied byte for byte.
+    """
+    with open_model(model) as m:
+        if m.config.arch == "bitnet" and m.config.ffn_act != "silu":
+            raise ValueError(
+                f"{m.path}: its FFN is {m.config.ffn_act} but bitnet.cpp computes the `bitnet` architecture "
+                "with SiLU (it ignores <arch>.hidden_act), so it would run a different model"
+            )
+        md = m.gguf.metadata
+        tokenizer = {k: v for k, v in md.items() if k.startswith("tokenizer.")}
+        write_model(
+            out,
+            m.config,
+            I2STensors(m),
+            tokenizer,
+            linear_type="I2_S",
+            name=str(md.get("general.name", "ternary")),
+        )
+
+
+def weight_differences(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
+    """What differs between two model files (empty: the same tensors, whatever ternary type stores each
+    linear): config, tokenizer, each linear's exact values (codes × scales), every other tensor's bytes."""
+    with open_model(a) as ma, open_model(b) as mb:
+        diffs = [] if ma.config == mb.config else [f"config: {ma.config} != {mb.config}"]
+        tok_a, tok_b = (
+            {k: v for k, v in m.gguf.metadata.items() if k.startswith("tokenizer.")} for m in (ma, mb)
+        )
+        diffs += [
+            f"{k}: differs" for k in sorted(tok_a.keys() | tok_b.keys()) if tok_a.get(k) != tok_b.get(k)
+        ]
+        ta, tb = ma.gguf.tensors, mb.gguf.tensors
+        diffs += [f"{n}: only in one file" for n in sorted(ta.keys() ^ tb.keys())]
+        for name in sorted(ta.keys() & tb.keys()):
+            x, y = ta[name], tb[name]
+            if is_linear_weight(name):
+                same = np.array_equal(_linear_values(x), _linear_values(y))
+            else:
+                same = x.ggml_type == y.ggml_type and np.array_equal(x.raw, y.raw)
+            if not same:
+                diffs.append(f"{name}: {x.type_name} and {y.type_name} values differ")
+    return diffs
+
+
+def _linear_values(t: TensorInfo) -> np.ndarray:
+    """A ternary matrix's exact float32 values, codes × the scale of their block."""
+    codes, scales, block = quants.ternary_codes(t.ggml_type, t.raw, t.shape)
+    return codes.astype(np.float32) * np.repeat(scales, block, axis=1)
+
+
+OWN_WRITERS: dict[str, Callable[[Path, Path], None]] = {"i2_s": write_i2s_copy}
+
+
 def peer_model(peer: Peer, model: Path, llama_cpp: Peer) -> Path:
-    """The model file ``peer`` runs: ``model`` itself, or its ``peer.quant`` copy (made on first use)."""
+    """The model file ``peer`` runs: ``model`` itself, or its ``peer.quant`` copy (made on first use, and
+    again when ``model`` is newer than the copy)."""
     if peer.quant is None:
         return model
     out = model.with_name(f"{model.stem}.{peer.quant}.gguf")
-    if out.is_file():
+    if out.is_file() and out.stat().st_mtime >= model.stat().st_mtime:
+        return out
+    if peer.quant in OWN_WRITERS:
+        OWN_WRITERS[peer.quant](model, out)
         return out
     f16 = model.with_name(f"{model.stem}.f16.tmp.gguf")
     try:
@@ -87,7 +188,27 @@ def run_peer(
     cmd = [peer.bench, "-m", model, "-r", reps, "-o", "json", *peer.flags]
     for flag, values in lists.items():
         cmd += [flag, ",".join(str(v) for v in values)]
-    return json.loads(_run(cmd).stdout)
+    return parse_bench_json(_run(cmd).stdout, peer.name)
+
+
+BENCH_KEYS = ("n_threads", "n_prompt", "n_gen", "samples_ts")
+
+
+def parse_bench_json(text: str, source: str) -> list[dict]:
+    """``llama-bench -o json`` output -> its records, each checked for the keys the table reads."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: llama-bench output is not JSON ({e})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{source}: llama-bench JSON is not a list of records")
+    for r in records:
+        missing = [k for k in BENCH_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"{source}: a llama-bench record lacks {', '.join(missing)}")
+        if not r["samples_ts"]:
+            raise ValueError(f"{source}: a llama-bench record has no samples")
+    return records
 
 
 def median_ts(record: dict) -> float:

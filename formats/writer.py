@@ -19,6 +19,7 @@ from gguf import GGUFValueType, GGUFWriter
 from ternary.formats import quants
 from ternary.formats.config import ModelConfig, default_ffn_act
 from ternary.formats.model_file import expected_shapes, is_linear_weight, scaled_weight
+from ternary.formats.reader import TensorInfo
 
 LINEAR_TYPES = {"TQ1_0": quants.TQ1_0, "TQ2_0": quants.TQ2_0, "I2_S": quants.I2_S}
 EMBED_TYPES = {
@@ -33,13 +34,16 @@ FILE_TYPES = {quants.TQ1_0: 36, quants.TQ2_0: 37, quants.I2_S: 40}
 QUANTIZATION_VERSION = 2
 
 
-def _check_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+def _check_tensors(
+    config: ModelConfig, tensors: Mapping[str, np.ndarray | TensorInfo]
+) -> dict[str, tuple[int, ...]]:
     expected = expected_shapes(config)
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise ValueError(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     for name, value in tensors.items():
-        shape = tuple(np.shape(value))
+        copied = isinstance(value, TensorInfo)
+        shape = value.shape if copied else tuple(np.shape(value))
         if name in expected:
             if shape != expected[name]:
                 raise ValueError(
@@ -52,7 +56,7 @@ def _check_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> di
             raise ValueError(
                 f"{name}: not a tensor of a {config.arch} model (llama.cpp would refuse the file)"
             )
-        if not np.isfinite(np.asarray(value, dtype=np.float32)).all():
+        if not copied and not np.isfinite(np.asarray(value, dtype=np.float32)).all():
             raise ValueError(f"{name}: contains NaN or infinite values")
     return expected
 
@@ -117,8 +121,12 @@ def _model_metadata(config: ModelConfig, hidden_act: bool | None) -> list[tuple[
     return md
 
 
-def _encode(name: str, value: np.ndarray, linear_type: int, embed_type: int) -> tuple[np.ndarray, int]:
+def _encode(
+    name: str, value: np.ndarray | TensorInfo, linear_type: int, embed_type: int
+) -> tuple[np.ndarray, int]:
     """(bytes, ggml type) for one tensor."""
+    if isinstance(value, TensorInfo):  # another file's tensor, in its own type, byte for byte
+        return np.asarray(value.raw), value.ggml_type
     x = np.asarray(value, dtype=np.float32)
     if is_linear_weight(name):
         ggml_type = linear_type
@@ -136,7 +144,7 @@ def _encode(name: str, value: np.ndarray, linear_type: int, embed_type: int) -> 
 def write_model(
     path: str | os.PathLike[str],
     config: ModelConfig,
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray | TensorInfo],
     tokenizer_metadata: Mapping[str, Any],
     linear_type: str = "TQ2_0",
     embed_type: str = "F16",
@@ -148,7 +156,9 @@ def write_model(
 
     ``tensors``: GGUF names -> float arrays in NumPy order (``blk.0.attn_q.weight`` is [n_out, n_in]); linear
     weights should already be ternary times a scale (the TQ quantizers take each 256-block's absmax as d).
-    Optional ``blk.N.<linear>.scale`` one-element tensors are written as F32[1]. ``tokenizer_metadata`` is
+    Optional ``blk.N.<linear>.scale`` one-element tensors are written as F32[1]. A value may also be a reader
+    ``TensorInfo``: it is copied byte for byte in its own type (a Q6_K head that a re-encode would change,
+    when converting a file's linears to another type). ``tokenizer_metadata`` is
     passed through (``tokenizer.ggml.*``; ints become UINT32, int lists INT32, floats FLOAT32, or give
     ``(value, GGUFValueType)``). ``hidden_act``: write ``<arch>.hidden_act`` always (True), never (False) or
     only when ``config.ffn_act`` differs from the architecture's default (None); llama.cpp ignores the key.
