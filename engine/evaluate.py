@@ -19,7 +19,8 @@ the share of header + completion that `ast.parse`s and `compile`s; an empty body
 Decoding is greedy with llama.cpp's penalties (`--repeat-penalty`, the DRY sampler's `--dry-*` flags, off by
 default); the report records every decoding setting.
 
-    ternary-eval model.gguf --ppl heldout/ --code --ctx 256 -t 4
+    ternary-eval model.gguf --ppl heldout/ --ctx 256 -t 4
+    ternary-eval model.gguf --code --code-src heldout/ --repeat-penalty 1.3
     ternary-eval --code --code-src heldout/ --dry-multiplier 0.8 --dry-sequence-breaker none
 """
 
