@@ -195,6 +195,8 @@ def _clean_read_only_maps(library: str) -> list[tuple[int, int, int]]:
     with open("/proc/self/smaps") as f:
         for line in f:
             fields = line.split()
+            if not fields:
+                continue
             if not fields[0].endswith(":"):  # a mapping's header: range, perms, offset, dev, inode, path
                 path = fields[5] if len(fields) > 5 else ""
                 mine = os.path.basename(path).startswith(library) and "w" not in fields[1]
