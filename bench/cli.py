@@ -26,6 +26,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from ternary.bench.rss import peak_rss
 from ternary.formats import quants
 from ternary.formats.reader import GGUFFile
 
@@ -412,6 +413,11 @@ def cli(
         kernel_report(engine, thread_list, max(prompt_list) or 128, say)
         return
     results = run_benchmarks(engine, info, thread_list, prompt_list, gen_list, repetitions, progress=say)
+    peak = peak_rss()
+    if peak is not None:  # this process's, n_ctx as above (``python -m ternary.bench.rss``: load + generate)
+        for result in results:
+            result.extra["peak_rss"] = peak
+        say(f"peak RSS {peak / 2**20:.0f} MiB = {peak / os.path.getsize(path):.2f} x the model file")
     click.echo(render(results, output))
     if peers_mode:
         from ternary.bench.peers import compare_with_peers

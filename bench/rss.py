@@ -56,6 +56,14 @@ def read_status(pid: int | str = "self") -> dict[str, int]:
     return fields
 
 
+def peak_rss() -> int | None:
+    """This process's peak RSS in bytes (``VmHWM``), or None where ``/proc`` does not say."""
+    try:
+        return read_status().get("VmHWM")
+    except OSError:
+        return None
+
+
 def read_smaps(pid: int | str = "self") -> list[tuple[str, int]]:
     """(path or pseudo-name, resident bytes) of every mapping of a process, from ``/proc/<pid>/smaps``."""
     maps, name = [], ""

@@ -208,3 +208,17 @@ def test_gguf_header_pages_leave_memory_once_parsed() -> None:
         f.release_pages()
         assert resident_bytes(whole) == 0
         del whole
+
+
+def test_the_rss_tool_measures_a_fresh_process() -> None:
+    from ternary.bench.rss import measure
+
+    path = ORACLE / "tiny-tq2_0-f16.gguf"
+    result = measure(path, n_ctx=32, tokens=4, threads=1)
+    assert result["generated"] == 4 and result["n_ctx"] == 32
+    assert result["file_bytes"] == path.stat().st_size
+    assert result["ratio"] == result["peak_rss"] / result["file_bytes"]
+    assert all(result["peak_rss"] >= p["VmRSS"] for p in result["phases"].values())
+    # the child waits while its maps are read: the per-mapping sums add up to the kernel's own total
+    assert sum(result["groups"].values()) == result["rollup"]["Rss"]
+    assert result["groups"]["model file"] > 0  # the F16 head is read from the file's map
