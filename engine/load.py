@@ -146,15 +146,14 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 COMPILER_LIBRARY = "libllvmlite"  # file name prefix of LLVM's library as llvmlite ships it
 
 
-def release_pages(view: np.ndarray, unmodified: bool = False) -> None:
+def release_pages(view: np.ndarray) -> None:
     """Drop the resident pages of a file mapping under ``view``; they are read from the file again if touched.
 
     The repack reads each GGUF tensor once, and its pages would otherwise count towards the process's memory
-    next to the packed copy. Writable (copy-on-write) views are released only when the caller vouches they
-    were never written (``unmodified``): dropping a written private page would lose the write. Best effort:
-    nothing happens where madvise is unavailable.
+    next to the packed copy. Writable views are left alone: dropping a written private page would lose the
+    write. Best effort: nothing happens where madvise is unavailable.
     """
-    if _MADV_DONTNEED is None or view.nbytes == 0 or (view.flags.writeable and not unmodified):
+    if _MADV_DONTNEED is None or view.nbytes == 0 or view.flags.writeable:
         return
     page = mmap.PAGESIZE
     start = view.ctypes.data
