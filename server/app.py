@@ -223,6 +223,11 @@ async def props(request: Request) -> Response:
                     "min_p": defaults.min_p,
                     "repeat_penalty": defaults.repeat_penalty,
                     "repeat_last_n": defaults.repeat_last_n,
+                    "dry_multiplier": defaults.dry.multiplier,
+                    "dry_base": defaults.dry.base,
+                    "dry_allowed_length": defaults.dry.allowed_length,
+                    "dry_penalty_last_n": defaults.dry.penalty_last_n,
+                    "dry_sequence_breakers": list(defaults.dry.sequence_breakers),
                 },
             },
             "total_slots": served.scheduler.n_slots,
@@ -338,7 +343,7 @@ async def _generate(request: Request, chat: bool) -> Response:
     job = Job(
         prompt=prompt,
         max_new=min(opts.max_tokens or ctx, ctx - len(prompt)),
-        sampler=Sampler(opts.sampling),
+        sampler=Sampler(opts.sampling, served.tokenizer),
         text=TextStream(_decoder(served.tokenizer), stop),
         emit=channel.emit,
         logit_bias={**opts.logit_bias, **dict.fromkeys(served.tokenizer.eog_ids, -np.inf)}

@@ -308,6 +308,22 @@ def test_stop_string_truncates(client, tokenizer, reference):
     assert r.choices[0].text == full[: full.index(stop)]
 
 
+def test_dry_request_decodes_as_the_engine_does(client):
+    """dry_* fields reach the sampler, with llama.cpp's default breakers (which need the tokenizer)."""
+    from ternary.engine.engine import Engine
+
+    dry = {"dry_multiplier": 2.0, "dry_base": 1.75, "dry_allowed_length": 1, "dry_penalty_last_n": -1}
+    engine = Engine(str(MODEL), threads=1, n_ctx=N_CTX, n_slots=1)
+    kwargs = dict(max_tokens=24, temperature=0, ignore_eos=True, stream=False)
+    expected = engine.generate("The quick brown fox", **kwargs, **dry)
+    assert expected != engine.generate("The quick brown fox", **kwargs)  # the penalty changes this text
+    r = client.completions.create(
+        model=MODEL_ID, prompt="The quick brown fox", max_tokens=24, temperature=0,
+        extra_body={**dry, "ignore_eos": True},
+    )  # fmt: skip
+    assert r.choices[0].text == expected
+
+
 def test_max_tokens_and_ollama_num_predict(client):
     r = client.completions.create(
         model=MODEL_ID, prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
