@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 from ternary.engine.fused import PLANAR_FIELDS, StackedLinear
+from ternary.engine.numa import NodeCopy, NodeLocalCopier, NumaPlan, NumaSetting, resolve_plan
 from ternary.engine.planar import LAYOUT_VERSION, PlanarMatrix, aligned_empty
 from ternary.engine.repack_cache import RepackCache
 from ternary.engine.simd import BLOCK
@@ -44,10 +45,14 @@ def ternary_bytes(mf: ModelFile) -> int:
     )
 
 
-def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str, StackedLinear]:
+def load_stacked_linears(
+    mf: ModelFile, cache: CacheSetting = None, numa: NumaSetting | NumaPlan = None
+) -> dict[str, StackedLinear]:
     """``{"attn_q": StackedLinear, ...}`` for ``mf``, from the repack cache when it holds them.
 
-    A cache folder that cannot be written only costs the cache (a ``RuntimeWarning`` says so).
+    A cache folder that cannot be written only costs the cache (a ``RuntimeWarning`` says so). ``numa``
+    (``numa.resolve_plan``: None = ``$TERNARY_NUMA`` or distribute, False = off, or a plan): on a machine
+    with several nodes each node's row groups are copied into that node's memory (``place_on_nodes``).
     """
     misfit = planar_misfit(mf)
     if misfit is not None:
@@ -68,6 +73,9 @@ def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str,
                 )
             else:
                 arrays = store.load(mf.path, extra, verify=False) or arrays  # the memory-mapped copy
+    plan = resolve_plan(numa)
+    if plan is not None:
+        place_on_nodes(arrays, plan)
     out = {}
     for name in LINEAR_NAMES:
         lins = [mf.layer(il).linears()[name] for il in range(mf.config.n_layer)]
@@ -76,6 +84,38 @@ def load_stacked_linears(mf: ModelFile, cache: CacheSetting = None) -> dict[str,
         fields = {f: arrays[f"{name}.{f}"] for f in PLANAR_FIELDS}
         out[name] = StackedLinear(**fields, scale=scale, has_scale=has, n_out=lins[0].shape[0])
     return out
+
+
+def place_on_nodes(arrays: dict[str, np.ndarray], plan: NumaPlan) -> list[NodeCopy]:
+    """Replace each array the kernels read by its node-local copy (``numa.NodeLocalCopier``), one at a time,
+    dropping the source's pages as it goes (so the file map and the copies are not resident together).
+
+    Unread group scales stay where they are (cold, never resident). Returns what each node's workers did.
+    """
+    copier = NodeLocalCopier(plan)
+    cold = set(unread_scales(arrays))
+    for name in LINEAR_NAMES:
+        n_groups = arrays[f"{name}.group_uniform"].shape[1]
+        for f in PLANAR_FIELDS:
+            key = f"{name}.{f}"
+            if key not in cold:
+                source = arrays[key]
+                arrays[key] = copier.copy(source, n_groups)
+                _release_unwritten(source)
+    copier.warn_if_unpinned()
+    return copier.log
+
+
+def _release_unwritten(source: np.ndarray) -> None:
+    """Drop the file pages under a repack-cache array that nothing wrote (the map is copy-on-write, and the
+    weights are only read, so its pages are still the file's); anonymous arrays are freed by the caller."""
+    base = source
+    while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+        base = base.base
+    if isinstance(base, np.memmap):
+        read_only = source.view()
+        read_only.flags.writeable = False
+        release_pages(read_only)
 
 
 def unread_scales(arrays: dict[str, np.ndarray]) -> list[str]:

@@ -157,14 +157,16 @@ def default_threads() -> int:
     return max(1, current_topology().n_cores)
 
 
-def pin_current_thread(cpus: Iterable[int]) -> bool:
-    """Restrict the calling thread (and threads it starts later) to ``cpus``; False, with a warning, where the
-    OS refuses or cannot (containers, non-Linux)."""
+def pin_current_thread(cpus: Iterable[int], warn: bool = True) -> bool:
+    """Restrict the calling thread (and threads it starts later) to ``cpus``; False, with a warning unless
+    ``warn`` is false (a caller that reports failures itself), where the OS refuses or cannot (containers,
+    non-Linux)."""
     cpus = set(cpus)
     try:
         os.sched_setaffinity(0, cpus)
     except (AttributeError, OSError, ValueError) as exc:
-        warnings.warn(f"cannot pin to CPUs {sorted(cpus)}: {exc}", RuntimeWarning, stacklevel=2)
+        if warn:
+            warnings.warn(f"cannot pin to CPUs {sorted(cpus)}: {exc}", RuntimeWarning, stacklevel=2)
         return False
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,10 @@ def test_pinning_where_allowed_and_a_warning_where_not():
     assert os.sched_getaffinity(0) == allowed
     with pytest.warns(RuntimeWarning, match="cannot pin to CPUs"):
         assert not topology.pin_current_thread([100_000])
+    assert os.sched_getaffinity(0) == allowed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a caller that reports failures itself gets no warning
+        assert not topology.pin_current_thread([100_000], warn=False)
     assert os.sched_getaffinity(0) == allowed
 
 
