@@ -9,6 +9,9 @@ read (so the file's pages and the packed copy are not resident together); the ar
 
 The per-block ``group_scales`` of a linear whose every row group is uniform are never read by the kernels
 (they use ``row_scales``): such arrays are stored as the cache's cold arrays, so they stay out of memory.
+
+On a machine with several NUMA nodes the arrays the kernels read are then copied, each node's row groups
+into that node's memory (``numa.py``); with one node (or ``numa=False``) the memory-mapped cache is kept.
 """
 
 from __future__ import annotations

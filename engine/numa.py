@@ -324,3 +324,50 @@ def page_nodes(view: np.ndarray) -> np.ndarray | None:
         ctypes.c_int(0),
     )
     return None if rc != 0 else status
+
+
+def local_fraction(array: np.ndarray, n_groups: int, plan: NumaPlan) -> float | None:
+    """The share of the pages under each node's row groups (every layer) that sit on that node; None where
+    pages cannot be queried. The check for a real multi-node machine: 1.0 after ``NodeLocalCopier``."""
+    layers = np.ascontiguousarray(array).reshape(array.shape[0], n_groups, -1)
+    bounds = plan.node_bounds(n_groups)
+    local = total = 0
+    for i, node in enumerate(plan.nodes):
+        for layer in layers:
+            nodes = page_nodes(layer[bounds[i] : bounds[i + 1]])
+            if nodes is None:
+                if bounds[i + 1] > bounds[i]:
+                    return None
+                continue
+            local += int((nodes == node).sum())
+            total += nodes.size
+    return local / total if total else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ternary.engine.numa MODEL [THREADS]``: the plan on this machine, and for each linear the
+    share of its pages on the node whose threads read them (after loading with the split) and where the
+    bound Numba threads ran."""
+    import sys
+
+    from ternary.engine.load import load_stacked_linears
+    from ternary.formats.model_file import LINEAR_NAMES, open_model
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[1:]:
+        numba.set_num_threads(int(args[1]))
+    plan = resolve_plan("distribute")
+    print(f"nodes {sorted(current_topology().nodes)}, {numba.get_num_threads()} threads, plan {plan}")
+    if plan is None or not args:
+        return
+    with open_model(args[0]) as mf:
+        stacked = load_stacked_linears(mf, numa=plan)
+        for name in LINEAR_NAMES:
+            s = stacked[name]
+            n_groups = s.group_uniform.shape[1]
+            print(f"{name}: packed {local_fraction(s.packed, n_groups, plan)} local")
+    print(bind_threads(plan))
+
+
+if __name__ == "__main__":
+    main()

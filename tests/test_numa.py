@@ -150,6 +150,21 @@ def test_each_node_copy_is_made_by_a_worker_pinned_to_that_node():
         assert np.all(nodes == 0)
 
 
+@two_cpus
+@pytest.mark.skipif(read_topology().n_nodes != 1, reason="counts pages of a one-node machine")
+def test_local_fraction_counts_pages_on_the_node_that_reads_them():
+    """On one real node, a fake 2-node split has node 0's half of the pages local and node 1's not."""
+    plan = numa.plan_numa(fake_two_nodes(), 2)
+    page = os.sysconf("SC_PAGE_SIZE")
+    copy = numa.NodeLocalCopier(plan).copy(np.ones((3, 2 * 8 * page), dtype=np.uint8), 2)  # whole pages
+    if numa.page_nodes(copy) is None:
+        pytest.skip("move_pages is not available here")
+    assert numa.local_fraction(copy, 2, plan) == 0.5
+    lopsided = numa.NumaPlan(plan.nodes, plan.node_cpus, (3, 1))  # node 0 holds 3 of 4 groups
+    copy = numa.NodeLocalCopier(lopsided).copy(np.ones((2, 4 * page), dtype=np.uint8), 4)
+    assert numa.local_fraction(copy, 4, lopsided) == 0.75
+
+
 def test_copies_for_a_four_node_fixture_are_exact_and_unpinned_nodes_are_reported():
     plan = numa.plan_numa(read_topology(FIXTURES / "sysfs_4node"), 7)  # CPUs this machine may not have
     copier = numa.NodeLocalCopier(plan)
