@@ -157,6 +157,7 @@ class NodeLocalCopier:
     def __init__(self, plan: NumaPlan) -> None:
         self.plan = plan
         self.log = [NodeCopy(node, cpus) for node, cpus in zip(plan.nodes, plan.node_cpus, strict=True)]
+        self._failures: list[BaseException] = []
 
     def copy(self, array: np.ndarray, n_groups: int) -> np.ndarray:
         """A copy of ``array`` (shape ``[L, …]``, each layer's slice ``n_groups`` equal group blocks) in
@@ -180,19 +181,24 @@ class NodeLocalCopier:
             )
             for i, record in enumerate(self.log)
         ]
+        self._failures.clear()
         for w in workers:
             w.start()
         for w in workers:
             w.join()
+        if self._failures:  # a slice not copied would be zeros in the weights: never return it
+            raise self._failures[0]
         return out
 
-    @staticmethod
-    def _copy_slice(record: NodeCopy, src: np.ndarray, dst: np.ndarray, g0: int, g1: int) -> None:
-        if not pin_current_thread(record.cpus, warn=False):
-            record.pinned = False
-        record.affinity_seen.append(frozenset(os.sched_getaffinity(0)))
-        dst[:, g0:g1] = src[:, g0:g1]  # NumPy drops the GIL: the nodes copy side by side
-        record.nbytes += dst[:, g0:g1].nbytes
+    def _copy_slice(self, record: NodeCopy, src: np.ndarray, dst: np.ndarray, g0: int, g1: int) -> None:
+        try:
+            if not pin_current_thread(record.cpus, warn=False):
+                record.pinned = False
+            record.affinity_seen.append(frozenset(os.sched_getaffinity(0)))
+            dst[:, g0:g1] = src[:, g0:g1]  # NumPy drops the GIL: the nodes copy side by side
+            record.nbytes += dst[:, g0:g1].nbytes
+        except BaseException as exc:  # re-raised by ``copy`` on the calling thread
+            self._failures.append(exc)
 
     def warn_if_unpinned(self) -> None:
         """One warning naming the nodes whose copies could not be pinned (their pages went anywhere)."""

@@ -187,6 +187,19 @@ def test_bad_group_count_is_named():
         copier.copy(np.zeros((2, 10), dtype=np.uint8), 3)
 
 
+def test_a_failed_slice_copy_is_raised_not_returned(monkeypatch):
+    copier = numa.NodeLocalCopier(numa.plan_numa(read_topology(FIXTURES / "sysfs_2node"), 2))
+
+    def refuse(cpus, warn=True):
+        if 4 in cpus:
+            raise MemoryError("node 1 is full")
+        return True
+
+    monkeypatch.setattr(numa, "pin_current_thread", refuse)
+    with pytest.raises(MemoryError, match="node 1 is full"):
+        copier.copy(np.ones((2, 8), dtype=np.uint8), 2)
+
+
 def vm_flags(array: np.ndarray) -> list[tuple[int, int, set[str]]]:
     """(start, end, VmFlags) of the mappings under ``array``, offsets relative to its first byte."""
     lo, hi = array.ctypes.data, array.ctypes.data + array.nbytes
