@@ -115,6 +115,13 @@ def _prompt_text(prompt: str | None, prompt_file: str | None) -> str:
     "--act-quant", default="q8k", show_default=True, help="Activation quantization: q8k | per-token."
 )
 @click.option("--ffn-act", default=None, help="Override the FFN activation: silu | relu2.")
+@click.option(
+    "--numa",
+    type=click.Choice(["off", "distribute", "numactl"]),
+    default=None,
+    help="Several memory nodes: each node's share of the weights in its memory, read by threads pinned there "
+    "(default: $TERNARY_NUMA, else distribute; numactl: within the CPU mask you gave numactl).",
+)
 @click.option("--display-prompt/--no-display-prompt", default=True, show_default=True)
 def run(
     model_arg: str | None,
@@ -139,6 +146,7 @@ def run(
     ignore_eos: bool,
     act_quant: str,
     ffn_act: str | None,
+    numa: str | None,
     display_prompt: bool,
 ) -> None:
     """Complete a prompt with MODEL (a BitNet b1.58 GGUF)."""
@@ -161,7 +169,9 @@ def run(
         raise CliError(str(e)) from None
 
     start = time.perf_counter()
-    engine = Engine(path, threads=threads, n_ctx=ctx_size or None, act_quant=act_quant, ffn_act=ffn_act)
+    engine = Engine(
+        path, threads=threads, n_ctx=ctx_size or None, act_quant=act_quant, ffn_act=ffn_act, numa=numa
+    )
     out = sys.stdout
     if display_prompt:
         out.write(text)

@@ -15,6 +15,7 @@ parallel region stalling for a whole scheduler slice.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import psutil
 from ternary.engine.load import CacheSetting
 from ternary.engine.model import load_transformer
+from ternary.engine.numa import NumaSetting, bind_threads, resolve_plan
 from ternary.engine.sampling import DRY_DEFAULT_BREAKERS, DryParams, Sampler, SamplingParams
 from ternary.formats.model_file import open_model
 from ternary.formats.tokenizer import StreamDecoder, Tokenizer
@@ -120,13 +122,18 @@ class Engine:
         decode_threads: int | None = None,
         kernel_path: str | None = None,
         repack_cache: CacheSetting = None,
+        numa: NumaSetting = None,
     ) -> None:
         """``path``: a GGUF file (None: the bundled model, ``ternary.models.default_model_path()``);
         ``layout``: ``planar`` (fast, fused) or ``reference``; ``decode_threads``: threads for batches of
         single decode tokens (None: ``threads``); ``kernel_path``: force a kernel path (``cpu_features``);
-        ``repack_cache``: folder of repacked weights (None: the default, False: none)."""
+        ``repack_cache``: folder of repacked weights (None: the default, False: none); ``numa``: on a machine
+        with several memory nodes, ``"distribute"`` (the default; None reads ``$TERNARY_NUMA``) puts each
+        node's share of the weights in its memory and pins the threads that read it there; ``"off"``: not."""
         start = time.perf_counter()
         self.threads = set_threads(threads)
+        self.numa_plan = resolve_plan(numa, self.threads)
+        self._bound_teams: set[tuple[int, int]] = set()
         self.decode_threads = (
             thread_count(decode_threads, "decode_threads") if decode_threads else self.threads
         )
@@ -150,6 +157,7 @@ class Engine:
                 layout=layout,
                 kernel_path=kernel_path,
                 repack_cache=repack_cache,
+                numa=self.numa_plan or False,
             )
         loaded = time.perf_counter()
         self._warm_up()
@@ -200,8 +208,19 @@ class Engine:
     ) -> np.ndarray:
         """Evaluate (token, position, slot) triples; logits float32[n_true, n_vocab] where ``logits_for``."""
         decode = len(tokens) == len(set(np.asarray(slots).tolist()))  # one token per slot
-        numba.set_num_threads(self.decode_threads if decode else self.threads)
+        n_threads = self.decode_threads if decode else self.threads
+        numba.set_num_threads(n_threads)
+        if self.numa_plan is not None:
+            self._bind_team(n_threads)
         return self.model.forward(tokens, positions, slots, logits_for)
+
+    def _bind_team(self, n_threads: int) -> None:
+        """Pin this Python thread's Numba team of ``n_threads`` to the nodes holding its rows, once (each
+        calling thread has its own team; affinity belongs to OS threads)."""
+        key = (threading.get_ident(), n_threads)
+        if key not in self._bound_teams:
+            bind_threads(self.numa_plan)
+            self._bound_teams.add(key)
 
     # ------------------------------------------------------------------ text
 

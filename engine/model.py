@@ -38,6 +38,7 @@ from ternary.engine.load import (
     planar_misfit,
     release_compiler_pages,
 )
+from ternary.engine.numa import NumaPlan, NumaSetting
 from ternary.engine.weights import DenseMatrix, PlanarQ8KMatrix, TernaryMatrix, dense_matrix
 from ternary.formats import quants
 from ternary.formats.model_file import LINEAR_NAMES, ModelFile
@@ -356,11 +357,13 @@ def load_transformer(
     layout: str = "planar",
     kernel_path: str | None = None,
     repack_cache: CacheSetting = None,
+    numa: NumaSetting | NumaPlan = None,
 ) -> Transformer:
     """Repack a validated model file into the compute layouts.
 
     ``layout`` ``planar`` (fused forward; ``repack_cache``: None = the default cache folder, False = no cache,
-    or a folder) or ``reference``; ``kernel_path`` forces a kernel path (see ``cpu_features``).
+    or a folder) or ``reference``; ``kernel_path`` forces a kernel path (see ``cpu_features``); ``numa``
+    places each node's rows of the weights in its memory (``numa.resolve_plan``; one node: nothing to do).
     """
     mf = model_file
     if layout not in LAYOUTS:
@@ -369,7 +372,7 @@ def load_transformer(
     if misfit is not None:
         warnings.warn(f"{mf.path}: {misfit}; using the reference layout", RuntimeWarning, stacklevel=2)
         layout = "reference"
-    stacked = load_stacked_linears(mf, repack_cache) if layout == "planar" else None
+    stacked = load_stacked_linears(mf, repack_cache, numa=numa) if layout == "planar" else None
 
     def vector(info: Any) -> np.ndarray | None:
         return None if info is None else np.ascontiguousarray(mf.dequantize(info), dtype=np.float32)

@@ -338,3 +338,29 @@ def test_numba_thread_t_is_bound_to_its_node_and_runs_item_t():
     lines = out.splitlines()
     assert lines[0] == f"bound (0, 1) ({hi}, {lo}) (0, 1) [{hi}]"  # team thread 0 is the caller
     assert set(lines[1:]) == {f"ran ({hi}, {lo}) (0, 1)"}  # a prange of 2 items: item t on thread t
+
+
+ENGINE = """
+import os, numpy as np
+from ternary.engine import numa
+from ternary.engine.engine import Engine
+from ternary.engine.topology import Core, Topology
+lo, hi = {lo}, {hi}
+numa.current_topology = lambda: Topology((Core(0, 0, 0, (hi,)), Core(1, 1, 0, (lo,))))
+ids = [1, 5, 9, 3, 7, 2]
+out = {{}}
+for setting in ("off", "distribute"):
+    e = Engine({model!r}, threads=2, n_ctx=32, numa=setting, repack_cache=False)
+    out[setting] = e.logits(ids)
+    print(setting, e.numa_plan is not None, sorted(os.sched_getaffinity(0)))
+print("equal", bool(np.array_equal(out["off"], out["distribute"])))
+"""
+
+
+@two_cpus
+def test_engine_places_weights_pins_its_team_and_keeps_the_logits():
+    """Engine(numa=...) end to end on a fake 2-node machine, in a fresh interpreter (pins outlive a test)."""
+    lo, hi = CPUS[0], CPUS[-1]
+    script = ENGINE.format(lo=lo, hi=hi, model=str(MODEL))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [f"off False {CPUS}", f"distribute True [{hi}]", "equal True"]
