@@ -2,7 +2,7 @@
 
     ternary-bench model.gguf -t 1,2 -p 128 -n 64 -r 5           # markdown table: | model | size | ... | t/s |
     ternary-bench --preset B -o json                             # llama-bench's JSON keys (plus a few more)
-    ternary-bench --preset A --peers                             # llama.cpp / ik_llama.cpp side by side
+    ternary-bench --preset A --peers                             # llama.cpp, ik_llama, bitnet.cpp alongside
     ternary-bench --preset B --kernels                           # GOPS, GB/s, % of measured read bandwidth
     ternary-bench --preset B --warmup                            # cold vs warm start (JIT and repack caches)
 
@@ -361,7 +361,7 @@ def _int_list(text: str) -> list[int]:
 @click.option("--decode-threads", type=click.IntRange(1), default=None, help="threads for decode steps")
 @click.option("--kernels", "kernels_mode", is_flag=True, help="kernel GOPS / GB/s vs measured read bandwidth")
 @click.option("--warmup", "warmup_mode", is_flag=True, help="cold vs warm start to the first token")
-@click.option("--peers", "peers_mode", is_flag=True, help="run llama.cpp and ik_llama.cpp's llama-bench too")
+@click.option("--peers", "peers_mode", is_flag=True, help="peers' llama-bench (llama.cpp, ik, bitnet.cpp)")
 @click.option("--bench-dir", default=None, help="folder for preset models (default: ~/.cache/ternary/bench)")
 def cli(
     model: str | None,
