@@ -483,3 +483,20 @@ def test_python_sources_skip_tests_caches_and_big_files(tmp_path):
     assert found == ["a.py", "pkg/b.py"]
     with_tests = [p.relative_to(tmp_path).as_posix() for p in iter_python_files(tmp_path, True, 1000)]
     assert with_tests == ["a.py", "pkg/b.py", "pkg/tests/t.py", "test/x.py"]
+
+
+def test_build_code_model_scores_the_card_decodings_on_tasks_that_fit(tmp_path, monkeypatch, oracle_engine):
+    """evaluate_gguf: the model card's two decodings on the same tasks, drawn from functions leaving room."""
+    from ternary.training import build_code_model
+
+    monkeypatch.setattr(evaluate, "DEFAULT_CODE_MIN_ROOM", 16)
+    monkeypatch.setattr(evaluate, "open_engine", lambda path, threads=None: oracle_engine)
+    short = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(3))
+    long_doc = "def g(x):\n    '''" + "word " * 200 + "'''\n    return x\n"
+    (tmp_path / "a.py").write_text(short + long_doc)
+    out = build_code_model.evaluate_gguf(ORACLE_MODEL, tmp_path, 0, 10, 1, log=lambda m: None)
+    assert set(out) == {"code_completion", "code_completion_plain_greedy"}
+    for key, penalty in build_code_model.CODE_REPEAT_PENALTIES.items():
+        assert out[key]["decoding"]["repeat_penalty"] == penalty
+        assert out[key]["n"] == 3 and out[key]["left_out_for_length"] == 1  # g's prompt fills n_ctx 64
+        assert [s["name"] for s in out[key]["samples"]] == ["f0", "f1", "f2"]

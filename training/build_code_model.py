@@ -47,6 +47,9 @@ HELDOUT_FRACTION = 0.05
 CALIBRATION_STEPS = 10
 WARM_STEPS = 3
 CHUNK_SECONDS = 60.0
+# The model card's code-completion settings (eval.json keys): greedy with llama.cpp's repetition penalty 1.3
+# (small models loop under plain greedy), and plain greedy for comparison.
+CODE_REPEAT_PENALTIES = {"code_completion": 1.3, "code_completion_plain_greedy": 1.0}
 SAFETY = 0.95  # plan for this share of the remaining time (checkpoint writes and logging take the rest)
 
 Log = Callable[[str], None]
@@ -386,10 +389,15 @@ def evaluate_gguf(
         log(f"engine perplexity: {ppl.line()}")
         out["engine_perplexity"] = dataclasses.asdict(ppl)
     if code_samples > 0:
-        prompts = evaluate.function_prompts(heldout, limit=code_samples)
-        code = evaluate.code_completion(engine, prompts)
-        log(code.line())
-        out["code_completion"] = {**code.summary(), "samples": code.samples}
+        selection = evaluate.select_function_prompts(
+            heldout, limit=code_samples, fits=evaluate.leaves_room(engine, evaluate.DEFAULT_CODE_MIN_ROOM)
+        )
+        for key, penalty in CODE_REPEAT_PENALTIES.items():
+            decoding = evaluate.CodeDecoding(max_tokens=0, repeat_penalty=penalty)
+            code = evaluate.code_completion(engine, selection.prompts, decoding)
+            code.selection, code.min_room = selection, evaluate.DEFAULT_CODE_MIN_ROOM
+            log(code.line())
+            out[key] = {**code.summary(), "samples": code.samples}
     return out
 
 
