@@ -263,7 +263,8 @@ def test_loader_places_read_arrays_and_leaves_cold_ones_in_the_cache(tmp_path, f
     with open_model(ORACLE / "tiny-tq2_0-f16.gguf") as mf:  # one scale per tensor: group scales cold
         reference = load.load_stacked_linears(mf, False, numa=False)
         load.load_stacked_linears(mf, tmp_path, numa=False)  # writes the cache
-        placed = load.load_stacked_linears(mf, tmp_path, numa=None)
+        plan = numa.resolve_plan(None, n_threads=2)  # not the calling thread's count: tests may set 1
+        placed = load.load_stacked_linears(mf, tmp_path, numa=plan)
     for name in LINEAR_NAMES:
         for field in load.PLANAR_FIELDS:
             a, b = getattr(reference[name], field), getattr(placed[name], field)
