@@ -29,12 +29,19 @@ import numpy as np
 from numba import njit, prange
 from ternary.engine.attention import LANES
 from ternary.engine.attention import apply_rope as rope_rows
-from ternary.engine.kernels import quantize_per_token_rows, quantize_q8k_rows, rms_norm_rows
+from ternary.engine.kernels import quantize_per_token_rows, rms_norm_rows
 from ternary.engine.kernels_attention import attend_head
 from ternary.engine.kernels_fast import activation_sums, planar_chunk_groups, planar_matmul_groups
 from ternary.engine.kernels_ffn import gate_rows
 from ternary.engine.kernels_q8k import LANES as Q8K_LANES
-from ternary.engine.kernels_q8k import lane_sums, q8k_matmul_groups
+from ternary.engine.kernels_q8k import (
+    lane_sums,
+    pair_buffers,
+    pair_layout,
+    q8k_matmul_groups,
+    quantize_q8k_rows_into,
+    uses_pairs,
+)
 from ternary.engine.simd import BLOCK, ROW_GROUP, tile_tokens
 from ternary.engine.weights import PlanarQ8KMatrix
 
@@ -82,16 +89,18 @@ class StackedLinear:
 
 
 @njit(cache=True)
-def _quantized(q8k, n_tok, k):
+def _quantized(isa, q8k, n_tok, k):
     """Activation buffers for ``n_tok`` rows of length ``k``: (int8 values, scales, llama.cpp's lane sums,
-    block sums, token sums); which sums are filled depends on the scales (see ``_lane_order``)."""
+    block sums, token sums, the q8k kernels' token-pair layout); which are filled depends on the scales
+    (see ``_lane_order``)."""
     nb = k // BLOCK
     xq = np.empty((n_tok, k), dtype=np.int8)
     xs = np.empty((n_tok, nb if q8k else 1), dtype=np.float32)
     sums = np.empty((n_tok, nb, Q8K_LANES), dtype=np.int32)
     block_sums = np.empty((n_tok, nb), dtype=np.int64)
     token_sums = np.empty(n_tok, dtype=np.int64)
-    return xq, xs, sums, block_sums, token_sums
+    mixed, neg_sums, pair_scales = pair_buffers(isa, n_tok, k)
+    return xq, xs, sums, block_sums, token_sums, mixed, neg_sums, pair_scales
 
 
 @njit(cache=True, inline="always")
@@ -134,23 +143,25 @@ def rms_norm_8(x, t0, t1, weight, eps, out):
 
 
 @njit(cache=True)
-def _rows_in(t0, t1, src, residual, add_residual, norm, normalize, eps, dst, q8k, act):
-    """Rows [t0, t1) (at most 8) of a matmul input: ``src += residual`` (if ``add_residual``),
+def _rows_in(isa, t0, t1, src, residual, add_residual, norm, normalize, eps, dst, q8k, act):
+    """Rows [t0, t1) (at most 8, ``t0`` even) of a matmul input: ``src += residual`` (if ``add_residual``),
     ``dst = rms_norm(src)`` (if ``normalize``; else ``dst`` is ``src``), then quantized into ``act`` with the
-    sums its kernel needs."""
+    sums (and token pairs) its kernel needs."""
     if add_residual:
         for t in range(t0, t1):
             for e in range(src.shape[1]):
                 src[t, e] = src[t, e] + residual[t, e]
     if normalize:
         rms_norm_8(src, t0, t1, norm, eps, dst)
-    xq, xs, sums, block_sums, token_sums = act
-    if q8k:
-        quantize_q8k_rows(dst[t0:t1], xq[t0:t1], xs[t0:t1])
-    else:
-        quantize_per_token_rows(dst[t0:t1], xq[t0:t1], xs[t0:t1])
-    if _lane_order(act):
+    xq, xs, sums, block_sums, token_sums, mixed, neg_sums, pair_scales = act
+    if q8k:  # (block scales: the lane-order kernel)
+        quantize_q8k_rows_into(dst, t0, t1, xq, xs, sums, mixed, neg_sums, pair_scales, uses_pairs(isa))
+        return
+    quantize_per_token_rows(dst[t0:t1], xq[t0:t1], xs[t0:t1])
+    if _lane_order(act):  # rows of one block: token scales are block scales
         lane_sums(xq[t0:t1], sums[t0:t1])
+        if uses_pairs(isa):
+            pair_layout(xq, sums, xs, t0, t1, mixed, neg_sums, pair_scales)
     else:
         b, s = activation_sums(xq[t0:t1])
         block_sums[t0:t1] = b
@@ -184,7 +195,7 @@ def _linear_groups(isa, w, il, g0, g1, act, out):
     """Row groups [g0, g1) of layer ``il`` of the stacked linear ``w`` on the activations ``act``, times its
     scale."""
     packed, group_scales, row_scales, group_uniform, scale = w
-    xq, xs, sums, block_sums, token_sums = act
+    xq, xs, sums, block_sums, token_sums, mixed, neg_sums, pair_scales = act
     n_out = out.shape[1]
     if _lane_order(act):
         q8k_matmul_groups(
@@ -199,6 +210,9 @@ def _linear_groups(isa, w, il, g0, g1, act, out):
             xq,
             sums,
             xs,
+            mixed,
+            neg_sums,
+            pair_scales,
             out,
         )
     else:
@@ -264,9 +278,9 @@ def forward_layers(
     g = np.empty((n_tok, n_ff), dtype=np.float32)
     u = np.empty((n_tok, n_ff), dtype=np.float32)
     f = np.empty((n_tok, n_ff), dtype=np.float32)
-    act_h = _quantized(q8k, n_tok, n_embd)
-    act_a = _quantized(q8k, n_tok, n_q)
-    act_f = _quantized(q8k, n_tok, n_ff)
+    act_h = _quantized(isa, q8k, n_tok, n_embd)
+    act_a = _quantized(isa, q8k, n_tok, n_q)
+    act_f = _quantized(isa, q8k, n_tok, n_ff)
 
     gq, gk, gv, go = wq[3].shape[1], wk[3].shape[1], wv[3].shape[1], wo[3].shape[1]
     gf, gd = w_gate[3].shape[1], w_down[3].shape[1]
@@ -289,21 +303,10 @@ def forward_layers(
         if n_row_items > 1:
             for c in prange(n_row_items):
                 t0 = c * ROWS_PER_ITEM
-                _rows_in(
-                    t0,
-                    min(t0 + ROWS_PER_ITEM, n_tok),
-                    x,
-                    o,
-                    add_prev,
-                    attn_norm[il],
-                    True,
-                    eps,
-                    h,
-                    q8k,
-                    act_h,
-                )
+                t1 = min(t0 + ROWS_PER_ITEM, n_tok)
+                _rows_in(isa, t0, t1, x, o, add_prev, attn_norm[il], True, eps, h, q8k, act_h)
         else:
-            _rows_in(0, n_tok, x, o, add_prev, attn_norm[il], True, eps, h, q8k, act_h)
+            _rows_in(isa, 0, n_tok, x, o, add_prev, attn_norm[il], True, eps, h, q8k, act_h)
         for c in prange(nq + nk + nv):
             if c < nq:
                 c0 = c * c_qkv
@@ -340,11 +343,10 @@ def forward_layers(
         if n_row_items > 1:
             for c in prange(n_row_items):
                 t0 = c * ROWS_PER_ITEM
-                _rows_in(
-                    t0, min(t0 + ROWS_PER_ITEM, n_tok), a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a
-                )
+                t1 = min(t0 + ROWS_PER_ITEM, n_tok)
+                _rows_in(isa, t0, t1, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
         else:
-            _rows_in(0, n_tok, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
+            _rows_in(isa, 0, n_tok, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
         for c in prange(no):
             _linear_groups(isa, wo, il, c * co, min(c * co + co, go), act_a, o)
 
@@ -352,11 +354,10 @@ def forward_layers(
         if n_row_items > 1:
             for c in prange(n_row_items):
                 t0 = c * ROWS_PER_ITEM
-                _rows_in(
-                    t0, min(t0 + ROWS_PER_ITEM, n_tok), x, o, True, ffn_norm[il], True, eps, h, q8k, act_h
-                )
+                t1 = min(t0 + ROWS_PER_ITEM, n_tok)
+                _rows_in(isa, t0, t1, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
         else:
-            _rows_in(0, n_tok, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
+            _rows_in(isa, 0, n_tok, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
         for c in prange(nf):
             g0, g1 = c * cf, min(c * cf + cf, gf)
             _linear_groups(isa, w_gate, il, g0, g1, act_h, g)
@@ -367,11 +368,10 @@ def forward_layers(
         if n_row_items > 1:
             for c in prange(n_row_items):
                 t0 = c * ROWS_PER_ITEM
-                _rows_in(
-                    t0, min(t0 + ROWS_PER_ITEM, n_tok), f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f
-                )
+                t1 = min(t0 + ROWS_PER_ITEM, n_tok)
+                _rows_in(isa, t0, t1, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
         else:
-            _rows_in(0, n_tok, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
+            _rows_in(isa, 0, n_tok, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
         for c in prange(nd):
             _linear_groups(isa, w_down, il, c * cd, min(c * cd + cd, gd), act_f, o)
         # (its residual is added by the next layer's first row step, or below after the last layer)

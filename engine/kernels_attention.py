@@ -13,8 +13,11 @@ matmuls of a small model's decode step. The intrinsics here emit the same float 
 * ``reduce_rows16(acc, stride, out, out_off, n16)``: ``out[out_off + e] = reduce_add_16(acc[r·stride + e]
   for r < 16)`` for e < 16·n16.
 
+* ``qk_scores16`` / ``pv_columns16``: the same K·Q and V·p 16 keys at a time (section "16 keys at a time").
+
 ``softmax16`` is ``attention.softmax_weights`` with a vectorisable ``expf`` (``kernels_ffn``), and
-``attend_head`` combines them into one (token, head) of causal attention over a slot's cache rows.
+``attend_head`` combines them into one (token, head) of causal attention over a slot's cache rows (16 keys
+at a time where ``head_dim`` is a multiple of 64, else one key at a time).
 """
 
 from __future__ import annotations
@@ -149,6 +152,153 @@ def reduce_rows16(typingctx, acc, stride, out, out_off, n16):
     return sig, codegen
 
 
+# ---------------------------------------------------------------- 16 keys at a time
+# ``vec_dot_main`` reduces every key's 16 lanes on its own (a chain of shuffles and adds per key) and
+# ``fma_row16`` keeps tinyBLAS's 16 rows of accumulators in memory. The two intrinsics below do the same
+# float operations 16 keys at a time: the per-key lane vectors of ``vec_dot_main`` are reduced together by a
+# transpose-and-add tree (every add of ``_mm512_reduce_add_ps`` happens once per key, on useful lanes only),
+# and the 16 rows of V·p accumulators of one 16-column block live in registers. Rows past ``n_keys`` are
+# never read (the last group's loads are clamped to the last key and its results dropped).
+
+
+def _load16(context, builder, aty, arr, index) -> ir.Value:
+    return builder.load(_ptr(context, builder, aty, arr, index), align=4)
+
+
+def _splat16(builder, value) -> ir.Value:
+    vec = builder.insert_element(ir.Constant(_V16, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+
+def _transpose_reduce(builder, vectors: list) -> ir.Value:
+    """``reduce_add_16`` of each of 16 vectors, as one vector (lane r: vector r), with the same adds: merging
+    two vectors adds lanes i and i + 8 of both at once, and so on down the tree."""
+    groups = [(v, 1) for v in vectors]
+    while len(groups) > 1:
+        merged = []
+        for (a, rows), (b, _) in zip(groups[0::2], groups[1::2], strict=True):
+            seg = LANES // rows
+            half = seg // 2
+            lo = [i * seg + k for i in range(rows) for k in range(half)]
+            lo += [LANES + i for i in lo]
+            hi = [i + half for i in lo]
+            index = ir.VectorType(_I32, LANES)
+            merged.append(
+                (
+                    builder.fadd(
+                        builder.shuffle_vector(a, b, ir.Constant(index, lo)),
+                        builder.shuffle_vector(a, b, ir.Constant(index, hi)),
+                    ),
+                    2 * rows,
+                )
+            )
+        groups = merged
+    return groups[0][0]
+
+
+def _clamped_rows(builder, base, stride, n_valid):
+    """Offsets of the 16 rows ``base + r·stride``, row r clamped to ``n_valid − 1``."""
+    last = builder.sub(n_valid, ir.Constant(n_valid.type, 1))
+    rows = []
+    for r in range(LANES):
+        rr = ir.Constant(n_valid.type, r)
+        use = builder.select(builder.icmp_signed("<", rr, n_valid), rr, last)
+        rows.append(builder.add(base, builder.mul(use, stride)))
+    return rows
+
+
+@intrinsic
+def qk_scores16(typingctx, k, k_off, k_stride, n_valid, q, q_off, n_steps, scale, scores, s_off):
+    """Scores of up to 16 keys: key r (r < ``n_valid``) at ``k[k_off + r·k_stride:]`` gets ``vec_dot_main``
+    against ``q[q_off:]`` over ``64·n_steps`` elements, times ``scale`` (float32), stored at
+    ``scores[s_off + r]`` (all 16 lanes are written); returns the largest of the ``n_valid`` stored."""
+    if not (_f32_vector(k) and _f32_vector(q) and _f32_vector(scores) and scale == types.float32):
+        return None
+    intp = types.intp
+    sig = types.float32(k, intp, intp, intp, q, intp, intp, types.float32, scores, intp)
+
+    def codegen(context, builder, signature, args):
+        ka, ko, kst, nv, qa, qo, steps, sc, sa, so = args
+        rows = _clamped_rows(builder, ko, kst, nv)
+        zero = ir.Constant(_V16, None)
+        folded = []
+        for r in range(LANES):  # one key at a time: four accumulators live, not 64
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+            with cgutils.for_range(builder, steps) as loop:
+                base = builder.mul(loop.index, ir.Constant(steps.type, VEC_DOT_STEP))
+                for m in range(4):
+                    off = builder.add(base, ir.Constant(base.type, m * LANES))
+                    qv = _load16(context, builder, signature.args[4], qa, builder.add(qo, off))
+                    kv = _load16(context, builder, signature.args[0], ka, builder.add(rows[r], off))
+                    builder.store(_fma(builder, kv, qv, builder.load(accs[m])), accs[m])
+            a = [builder.load(x) for x in accs]
+            folded.append(builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3])))
+        total = builder.fmul(_transpose_reduce(builder, folded), _splat16(builder, sc))
+        builder.store(total, _ptr(context, builder, signature.args[8], sa, so), align=4)
+        lane = ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))
+        valid = builder.icmp_signed("<", lane, _splat_i32(builder, builder.trunc(nv, _I32)))
+        m = builder.select(valid, total, _splat16(builder, ir.Constant(_F32, float("-inf"))))
+        width = LANES
+        while width > 1:
+            width //= 2
+            rot = builder.shuffle_vector(
+                m, m, ir.Constant(ir.VectorType(_I32, LANES), [(i + width) % LANES for i in range(LANES)])
+            )
+            m = builder.select(builder.fcmp_ordered(">", rot, m), rot, m)
+        return builder.extract_element(m, ir.Constant(_I32, 0))
+
+    return sig, codegen
+
+
+def _splat_i32(builder, value) -> ir.Value:
+    vec = builder.insert_element(ir.Constant(ir.VectorType(_I32, LANES), None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+
+@intrinsic
+def pv_columns16(typingctx, v, v_off, v_stride, n_keys, p, out, out_off):
+    """``out[out_off + e]`` for e < 16: tinyBLAS's V·p over keys 0..n_keys-1 (key j's row at ``v[v_off +
+    j·v_stride:]``, weight ``p[j]``; accumulator row j % 16 by FMA), then ``reduce_add_16`` over the rows."""
+    if not (_f32_vector(v) and _f32_vector(p) and _f32_vector(out)):
+        return None
+    sig = types.none(v, types.intp, types.intp, types.intp, p, out, types.intp)
+
+    def codegen(context, builder, signature, args):
+        va, vo, vst, nk, pa, oa, oo = args
+        i64 = vo.type
+        pdata = context.make_array(signature.args[4])(context, builder, pa).data
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16, None)) for _ in range(LANES)]
+        full = builder.sdiv(nk, ir.Constant(i64, LANES))
+        with cgutils.for_range(builder, full) as loop:
+            j0 = builder.mul(loop.index, ir.Constant(i64, LANES))
+            for r in range(LANES):
+                j = builder.add(j0, ir.Constant(i64, r))
+                vv = _load16(context, builder, signature.args[0], va, builder.add(vo, builder.mul(j, vst)))
+                pj = _splat16(builder, builder.load(builder.gep(pdata, [j])))
+                builder.store(_fma(builder, vv, pj, builder.load(accs[r])), accs[r])
+        j0 = builder.mul(full, ir.Constant(i64, LANES))
+        rest = builder.sub(nk, j0)
+        rows = _clamped_rows(builder, builder.add(vo, builder.mul(j0, vst)), vst, rest)
+        last = builder.sub(nk, ir.Constant(i64, 1))
+        for r in range(LANES):
+            valid = builder.icmp_signed("<", ir.Constant(i64, r), rest)
+            j = builder.select(valid, builder.add(j0, ir.Constant(i64, r)), last)
+            vv = _load16(context, builder, signature.args[0], va, rows[r])
+            pj = _splat16(builder, builder.load(builder.gep(pdata, [j])))
+            acc = builder.load(accs[r])
+            builder.store(builder.select(valid, _fma(builder, vv, pj, acc), acc), accs[r])
+        rows_v = [builder.load(a) for a in accs]
+        a = [
+            builder.fadd(builder.fadd(rows_v[i], rows_v[i + 8]), builder.fadd(rows_v[i + 4], rows_v[i + 12]))
+            for i in range(4)
+        ]
+        total = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
+        builder.store(total, _ptr(context, builder, signature.args[5], oa, oo), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, error_model="numpy")
 def softmax16(scores, n_keys, scale, out):
     """``attention.softmax_weights``, bit for bit: ``out`` holds n_keys rounded up to 16 (tail set to 0)."""
@@ -156,6 +306,12 @@ def softmax16(scores, n_keys, scale, out):
     for j in range(n_keys):
         scores[j] = scores[j] * scale
         vmax = max(vmax, scores[j])
+    softmax_scaled(scores, n_keys, vmax, out)
+
+
+@njit(cache=True, error_model="numpy")
+def softmax_scaled(scores, n_keys, vmax, out):
+    """``softmax16`` after its first loop: ``scores`` already scaled, ``vmax`` their maximum."""
     for j in range(n_keys):
         out[j] = expf(scores[j] - vmax)
     out[n_keys:] = np.float32(0.0)
@@ -179,6 +335,34 @@ def attend_head(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out,
     ``q``, ``k``, ``v``, ``out``: flat float32 arrays; key j of this head is ``k[kv_off + j·kv_stride :
     + head_dim]`` (same for ``v``); ``scratch`` float32[≥ 16·head_dim + 2·(n_keys + 16)].
     """
+    if head_dim % VEC_DOT_STEP == 0:
+        _attend_blocks(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch)
+    else:
+        _attend_lanes(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch)
+
+
+@njit(cache=True)
+def _attend_blocks(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch):
+    """``attend_head`` 16 keys at a time (``head_dim`` a multiple of 64: no tail past ``vec_dot_main``)."""
+    n_pad = (n_keys + LANES - 1) // LANES * LANES
+    scores = scratch[:n_pad]
+    p = scratch[n_pad : 2 * n_pad]
+    steps = head_dim // VEC_DOT_STEP
+    vmax = np.float32(-np.inf)
+    for j0 in range(0, n_keys, LANES):
+        n_valid = min(LANES, n_keys - j0)
+        vmax = max(
+            vmax,
+            qk_scores16(k, kv_off + j0 * kv_stride, kv_stride, n_valid, q, q_off, steps, scale, scores, j0),
+        )
+    softmax_scaled(scores, n_keys, vmax, p)
+    for c in range(0, head_dim, LANES):
+        pv_columns16(v, kv_off + c, kv_stride, n_keys, p, out, out_off + c)
+
+
+@njit(cache=True)
+def _attend_lanes(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch):
+    """``attend_head`` one key at a time (any ``head_dim``)."""
     n_pad = (n_keys + LANES - 1) // LANES * LANES
     lanes = scratch[: LANES * head_dim]
     scores = scratch[LANES * head_dim : LANES * head_dim + n_pad]

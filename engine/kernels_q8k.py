@@ -17,12 +17,16 @@ planar bytes with the integer tile of ``simd.tile_acc_dot``:
 Entry points (plain arrays and an ISA marker from ``simd.ISAS``; callable from jitted code):
 
 * ``lane_sums(xq, out)``: ``out[t, b, j] = Σ xq[t, 256b + 32j : 256b + 32j + 32]``;
+* ``quantize_q8k_rows_into(x, t0, t1, xq, x_scale, sums, mixed, neg_sums, pair_scales, pairs)``: rows [t0, t1)
+  quantized as ``kernels.quantize_q8k_rows`` with their ``lane_sums`` (bit for bit, vectorised), and their
+  token pairs (below) when ``pairs``;
+* ``pair_buffers(isa, n_tok, k)`` / ``pair_layout(xq, sums, x_scale, t0, t1, mixed, neg_sums, pair_scales)``:
+  the token-pair layout that 512-bit prompt tiles read (see "512-bit prompt tiles");
 * ``q8k_matmul_groups(isa, g0, g1, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale,
-  out)``: row groups
-  [g0, g1) of a ``PlanarMatrix`` for every token, serial (for callers that own their ``prange``);
+  mixed, neg_sums, pair_scales, out)``: row groups [g0, g1) of a ``PlanarMatrix`` for every token, serial
+  (for callers that own their ``prange``);
 * ``q8k_matmul(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale, out)``: all
-  rows, parallel over chunks of
-  row groups.
+  rows, parallel over chunks of row groups (builds the pair layout itself).
 
 The generic (no SIMD) path computes the same lanes with scalar code, so every path gives the same bits.
 """
@@ -37,11 +41,17 @@ from numba.extending import intrinsic, models, overload, register_model
 from ternary.engine.kernels import fma_f32
 from ternary.engine.kernels_fast import GROUP_BLOCK_BYTES, PREFETCH_BYTES, planar_chunk_groups
 from ternary.engine.simd import (
+    _I8,
     BLOCK,
     ROW_BLOCK_BYTES,
     ROW_GROUP,
     IsaType,
     TileAccType,
+    _data_ptr,
+    _dot_u8s8,
+    _load_bytes,
+    _shift_right_2bit_fields,
+    _splat,
     prefetch_bytes,
     single_token,
     tile_acc_dot,
@@ -279,6 +289,444 @@ def q8k_facc_values(typingctx, facc):
     return ret(facc), codegen
 
 
+# ---------------------------------------------------------------- 512-bit prompt tiles: token pairs
+# With 16 int32 lanes, lanes i and i+8 of a ``vpdpbusd`` over one row's 64 bytes both belong to llama.cpp's
+# lane i, so the tile above folds every output with two shuffles and an add per block. Pairing tokens avoids
+# most of it: ``pair_layout`` stores, per pair (A, B), block and shift s, the 64-byte activation vectors
+# ``[A lo | B hi]`` and ``[B lo | A hi]`` (lo/hi: bytes 0–31 / 32–63 of the shift's 64). Against one row's
+# weights they give ``[A_lo | B_hi]`` and ``[B_lo | A_hi]``; the first plus the second with its halves swapped
+# is ``[A | B]``: both tokens' eight lanes, folded with one shuffle. The bsums correction is precomputed per
+# pair as ``[−sums_A | −sums_B]`` (the first accumulator's start), the scales as ``[x_A ×8 | x_B ×8]``.
+
+PAIR_BLOCK_BYTES = 2 * BLOCK  # one pair's activations of one block: 4 shifts × 2 vectors × 64 bytes
+PAIR_LANES = 2 * LANES  # one pair's int32 sums / float scales of one block
+
+
+@njit(cache=True)
+def pair_layout(xq, sums, x_scale, t0, t1, mixed, neg_sums, pair_scales):
+    """Fill pairs [t0/2, t1/2) (t0 even; an odd last token is left out) of the pair layout from ``xq``
+    int8[T, K], ``sums`` (``lane_sums``) and ``x_scale`` float32[T, K/256]: ``mixed`` int8[T/2, 2K],
+    ``neg_sums`` int32[T/2, K/256, 16], ``pair_scales`` float32[T/2, K/256, 16]."""
+    nb = xq.shape[1] // BLOCK
+    for p in range(t0 // 2, t1 // 2):
+        a = xq[2 * p]
+        b = xq[2 * p + 1]
+        row = mixed[p]
+        for blk in range(nb):
+            for s in range(4):
+                src = blk * BLOCK + s * ROW_BLOCK_BYTES
+                dst = blk * PAIR_BLOCK_BYTES + s * 2 * ROW_BLOCK_BYTES
+                half = ROW_BLOCK_BYTES // 2
+                row[dst : dst + half] = a[src : src + half]
+                row[dst + half : dst + 2 * half] = b[src + half : src + 2 * half]
+                row[dst + 2 * half : dst + 3 * half] = b[src : src + half]
+                row[dst + 3 * half : dst + 4 * half] = a[src + half : src + 2 * half]
+            for j in range(LANES):
+                neg_sums[p, blk, j] = -sums[2 * p, blk, j]
+                neg_sums[p, blk, LANES + j] = -sums[2 * p + 1, blk, j]
+                pair_scales[p, blk, j] = x_scale[2 * p, blk]
+                pair_scales[p, blk, LANES + j] = x_scale[2 * p + 1, blk]
+
+
+def _pairs(isa: IsaType) -> bool:
+    """512-bit tiles of several tokens run on token pairs."""
+    return isinstance(isa, IsaType) and isa.lanes == 2 * LANES and isa.tokens > 1
+
+
+@intrinsic
+def uses_pairs(typingctx, isa):
+    """Whether prompt tiles of ``isa`` read the pair layout (a compile-time constant)."""
+    if not isinstance(isa, IsaType):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.boolean, _pairs(sig.args[0]))
+
+    return types.boolean(isa), codegen
+
+
+class PairFAccType(types.Type):
+    """Float accumulators of a pair tile: one ``<16 x float>`` per (row, pair), index ``r·pairs + p``."""
+
+    def __init__(self, isa: IsaType) -> None:
+        self.isa = isa
+        super().__init__(name=f"PairFAcc({isa.name}, tokens={isa.tokens})")
+
+
+def _pair_count(isa: IsaType) -> int:
+    return isa.tokens // 2
+
+
+def _pair_facc_type(isa: IsaType) -> ir.Type:
+    return ir.ArrayType(ir.VectorType(_F32, PAIR_LANES), ROW_GROUP * _pair_count(isa))
+
+
+@register_model(PairFAccType)
+class _PairFAccModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type: PairFAccType) -> None:
+        super().__init__(dmm, fe_type, _pair_facc_type(fe_type.isa))
+
+
+def _vector_at(context, builder, aty, arr, index, vtype) -> ir.Value:
+    return builder.load(
+        builder.bitcast(_element_ptr(context, builder, aty, arr, index), vtype.as_pointer()), align=4
+    )
+
+
+def _splat_value(builder, value, count: int) -> ir.Value:
+    vec = builder.insert_element(
+        ir.Constant(ir.VectorType(value.type, count), None), value, ir.Constant(_I32, 0)
+    )
+    return builder.shuffle_vector(vec, vec, _indices([0] * count))
+
+
+@intrinsic
+def pair_facc_zero(typingctx, isa):
+    """Zeroed float accumulators of a pair tile."""
+    if not _pairs(isa):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_pair_facc_type(isa), None)
+
+    return PairFAccType(isa)(isa), codegen
+
+
+@intrinsic
+def pair_block(
+    typingctx, facc, packed, offset, mixed, x_offset, pair_stride, neg_sums, sums_offset, pair_scales,
+    sums_stride, w, w_offset,
+):  # fmt: skip
+    """One 256-weight block of a pair tile: the 4 rows at ``packed[offset:]`` against the tile's pairs
+    (pair p's block at ``mixed[x_offset + p·pair_stride:]``, its corrections and scales at ``sums_offset +
+    p·sums_stride``), then ``facc = fma(float(lanes), x_scale·w_scale, facc)`` per lane, as llama.cpp."""
+    if not isinstance(facc, PairFAccType):
+        return None
+    isa = facc.isa
+    sig = facc(
+        facc, packed, types.intp, mixed, types.intp, types.intp, neg_sums, types.intp, pair_scales,
+        types.intp, w, types.intp,
+    )  # fmt: skip
+
+    def codegen(context, builder, sig, args):
+        facc_v, pk, off, xm, x_off, p_stride, ns, s_off, ps, s_stride, w_a, w_off = args
+        pairs = _pair_count(isa)
+        acc_t = ir.VectorType(_I32, PAIR_LANES)
+        f_t = ir.VectorType(_F32, PAIR_LANES)
+        wbase = _data_ptr(context, builder, sig.args[1], pk)
+        xbase = _data_ptr(context, builder, sig.args[3], xm)
+
+        def const(v):
+            return ir.Constant(off.type, v)
+
+        def pair_index(base, stride, p):
+            return builder.add(base, builder.mul(stride, const(p)))
+
+        weights = [
+            _load_bytes(builder, wbase, builder.add(off, const(r * ROW_BLOCK_BYTES)), 64)
+            for r in range(ROW_GROUP)
+        ]
+        starts = [
+            _vector_at(context, builder, sig.args[6], ns, pair_index(s_off, s_stride, p), acc_t)
+            for p in range(pairs)
+        ]
+        first = {(r, p): starts[p] for r in range(ROW_GROUP) for p in range(pairs)}
+        second = {(r, p): ir.Constant(acc_t, None) for r in range(ROW_GROUP) for p in range(pairs)}
+        low2 = _splat(_I8, 64, 3)
+        for s in range(4):
+            codes = [
+                builder.and_(_shift_right_2bit_fields(builder, weights[r], 2 * s), low2)
+                for r in range(ROW_GROUP)
+            ]
+            for p in range(pairs):
+                at = builder.add(pair_index(x_off, p_stride, p), const(s * 2 * ROW_BLOCK_BYTES))
+                xa = _load_bytes(builder, xbase, at, 64)
+                xb = _load_bytes(builder, xbase, builder.add(at, const(ROW_BLOCK_BYTES)), 64)
+                for r in range(ROW_GROUP):
+                    first[r, p] = _dot_u8s8(builder, isa, first[r, p], codes[r], xa)
+                    second[r, p] = _dot_u8s8(builder, isa, second[r, p], codes[r], xb)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f_t, [f_t, f_t, f_t]), f"llvm.fma.v{PAIR_LANES}f32"
+        )
+        swap = _indices(list(range(LANES, PAIR_LANES)) + list(range(LANES)))
+        w_lanes = [
+            _splat_value(
+                builder,
+                builder.load(_element_ptr(context, builder, sig.args[10], w_a, builder.add(w_off, const(r)))),
+                PAIR_LANES,
+            )
+            for r in range(ROW_GROUP)
+        ]
+        out = facc_v
+        for p in range(pairs):
+            x_lanes = _vector_at(context, builder, sig.args[8], ps, pair_index(s_off, s_stride, p), f_t)
+            for r in range(ROW_GROUP):
+                lanes = builder.add(first[r, p], builder.shuffle_vector(second[r, p], second[r, p], swap))
+                d = builder.fmul(x_lanes, w_lanes[r])
+                i = r * pairs + p
+                out = builder.insert_value(
+                    out, builder.call(fma, [builder.sitofp(lanes, f_t), d, builder.extract_value(out, i)]), i
+                )
+        return out
+
+    return sig, codegen
+
+
+@intrinsic
+def pair_store(typingctx, facc, out, t0, n0, n_out):
+    """Each output's ``hsum_float_8`` (a transpose-and-add tree over the tile: the same adds per output),
+    stored at ``out[t0 + j, n0 + r]`` for the rows below ``n_out``."""
+    if not isinstance(facc, PairFAccType) or facc.isa.tokens != 4:
+        return None
+    if not (
+        isinstance(out, types.Array) and out.ndim == 2 and out.dtype == types.float32 and out.layout == "C"
+    ):
+        return None
+    sig = types.none(facc, out, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        facc_v, out_a, t0_v, n0_v, n_out_v = args
+        pairs = _pair_count(facc.isa)
+        vecs = [builder.extract_value(facc_v, i) for i in range(ROW_GROUP * pairs)]
+
+        def merge(a, b, lo, hi):
+            return builder.fadd(
+                builder.shuffle_vector(a, b, _indices(lo)), builder.shuffle_vector(a, b, _indices(hi))
+            )
+
+        # outputs per vector: lanes 8h..8h+7 of vector r·2+p are (row r, token 2p+h)
+        # level 1: s_k = a_k + a_{k+4}: one vector per row, tokens 0..3, four lanes each
+        lo1 = [8 * h + k + 16 * v for v in range(2) for h in range(2) for k in range(4)]
+        hi1 = [i + 4 for i in lo1]
+        rows = [merge(vecs[2 * r], vecs[2 * r + 1], lo1, hi1) for r in range(ROW_GROUP)]
+        # level 2: u0 = s0 + s2, u1 = s1 + s3: rows (0, 1) and (2, 3), eight outputs of two lanes
+        lo2 = [4 * o + k + 16 * v for v in range(2) for o in range(4) for k in range(2)]
+        hi2 = [i + 2 for i in lo2]
+        halves = [merge(rows[0], rows[1], lo2, hi2), merge(rows[2], rows[3], lo2, hi2)]
+        # level 3: u0 + u1, lanes ordered token-major (lane 4j + r) for the stores
+        lo3 = [16 * (r // 2) + 2 * ((r % 2) * 4 + j) for j in range(4) for r in range(4)]
+        hi3 = [i + 1 for i in lo3]
+        total = merge(halves[0], halves[1], lo3, hi3)
+        ary = context.make_array(sig.args[1])(context, builder, out_a)
+        stride = builder.extract_value(ary.shape, 1)
+        v4 = ir.VectorType(_F32, 4)
+        valid = builder.icmp_signed(
+            "<", ir.Constant(ir.VectorType(n0_v.type, 4), [0, 1, 2, 3]),
+            _splat_value(builder, builder.sub(n_out_v, n0_v), 4),
+        )  # fmt: skip
+        store = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [v4, v4.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 4)]),
+            "llvm.masked.store.v4f32.p0",
+        )
+        for j in range(4):
+            part = builder.shuffle_vector(total, total, _indices(list(range(4 * j, 4 * j + 4))))
+            index = builder.add(builder.mul(builder.add(t0_v, ir.Constant(t0_v.type, j)), stride), n0_v)
+            ptr = builder.bitcast(builder.gep(ary.data, [index]), v4.as_pointer())
+            builder.call(store, [part, ptr, ir.Constant(_I32, 4), valid])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------- Q8_K activations, vectorised
+# ``kernels.quantize_q8k_rows`` finds each block's first largest |x| with a branch per element and
+# ``lane_sums`` adds bytes one by one: as scalar loops they cost as much as a small model's matmuls. The
+# intrinsics below do the same per 256-block with 16-lane vectors (same values: the maximum and the first
+# index of it do not depend on the order they are searched in; every q is the same rint of the same exact
+# product), and ``quantize_q8k_rows_into`` writes the pair layout of the prompt tiles in the same pass.
+
+_V16F = ir.VectorType(_F32, 16)
+_V16I = ir.VectorType(_I32, 16)
+
+
+def _f32_array(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == types.float32
+
+
+def _fabs(builder, v) -> ir.Value:
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]), "llvm.fabs.v16f32")
+    return builder.call(fn, [v])
+
+
+def _max_keeping(builder, a, b) -> ir.Value:
+    """Lane-wise ``a if a > b else b`` (a NaN in ``a`` is skipped, as the scalar ``if a > amax`` does)."""
+    return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+
+@intrinsic
+def block_absmax_first(typingctx, x, offset):
+    """The element of largest |x| in ``x[offset : offset + 256]``, the first one on ties (0 if all are 0)."""
+    if not _f32_array(x):
+        return None
+    sig = types.float32(x, types.intp)
+
+    def codegen(context, builder, sig, args):
+        x_a, off = args
+        base = _data_ptr(context, builder, sig.args[0], x_a)
+        vecs = [
+            builder.load(builder.bitcast(builder.gep(base, [builder.add(off, ir.Constant(off.type, 16 * k))]),
+                                         _V16F.as_pointer()), align=4)
+            for k in range(16)
+        ]  # fmt: skip
+        absv = [_fabs(builder, v) for v in vecs]
+        m = absv[0]
+        for v in absv[1:]:
+            m = _max_keeping(builder, v, m)
+        width = 16
+        while width > 1:  # every lane ends up holding the maximum
+            width //= 2
+            rot = builder.shuffle_vector(m, m, _indices([(i + width) % 16 for i in range(16)]))
+            m = _max_keeping(builder, rot, m)
+        amax = builder.extract_element(m, ir.Constant(_I32, 0))
+        i16 = ir.IntType(16)
+        cttz = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i16, [i16, ir.IntType(1)]), "llvm.cttz.i16"
+        )
+        index = ir.Constant(_I32, 0)  # all zero: element 0, which is 0 (or -0: the caller tests amax)
+        for k in reversed(range(16)):
+            hits = builder.bitcast(builder.fcmp_ordered("==", absv[k], m), i16)
+            first = builder.add(
+                ir.Constant(_I32, 16 * k),
+                builder.zext(builder.call(cttz, [hits, ir.Constant(ir.IntType(1), 1)]), _I32),
+            )
+            index = builder.select(builder.icmp_unsigned("!=", hits, ir.Constant(i16, 0)), first, index)
+        value = builder.load(builder.gep(base, [builder.add(off, builder.sext(index, off.type))]))
+        return builder.select(
+            builder.fcmp_ordered(">", amax, ir.Constant(_F32, 0.0)), value, ir.Constant(_F32, 0.0)
+        )
+
+    return sig, codegen
+
+
+@intrinsic
+def quantize_block(typingctx, x, offset, iscale, q, q_offset, sums, sums_offset):
+    """``q[q_offset + j] = min(127, rint(float64(iscale) · float64(x[offset + j])))`` for j < 256 (the exact
+    product rounded once), and the 8 lane sums of the block at ``sums[sums_offset:]``."""
+    if not (_f32_array(x) and iscale == types.float32):
+        return None
+    if not (isinstance(q, types.Array) and q.dtype == types.int8 and q.ndim == 1 and q.layout == "C"):
+        return None
+    if not (
+        isinstance(sums, types.Array) and sums.dtype == types.int32 and sums.ndim == 1 and sums.layout == "C"
+    ):
+        return None
+    sig = types.none(x, types.intp, types.float32, q, types.intp, sums, types.intp)
+
+    def codegen(context, builder, sig, args):
+        x_a, off, isc, q_a, q_off, s_a, s_off = args
+        xbase = _data_ptr(context, builder, sig.args[0], x_a)
+        qbase = _data_ptr(context, builder, sig.args[3], q_a)
+        sbase = _data_ptr(context, builder, sig.args[5], s_a)
+        v16d = ir.VectorType(ir.DoubleType(), 16)
+        rint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(v16d, [v16d]), "llvm.rint.v16f64"
+        )
+        smin = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16I, [_V16I, _V16I]), "llvm.smin.v16i32"
+        )
+        scale = _splat_value(builder, builder.fpext(isc, ir.DoubleType()), 16)
+        top = ir.Constant(_V16I, [ir.Constant(_I32, 127)] * 16)
+        lanes = []
+        for k in range(16):
+            at = builder.add(off, ir.Constant(off.type, 16 * k))
+            xv = builder.load(builder.bitcast(builder.gep(xbase, [at]), _V16F.as_pointer()), align=4)
+            qv = builder.call(
+                smin,
+                [
+                    builder.fptosi(builder.call(rint, [builder.fmul(scale, builder.fpext(xv, v16d))]), _V16I),
+                    top,
+                ],
+            )
+            qat = builder.add(q_off, ir.Constant(q_off.type, 16 * k))
+            builder.store(
+                builder.trunc(qv, ir.VectorType(_I8, 16)),
+                builder.bitcast(builder.gep(qbase, [qat]), ir.VectorType(_I8, 16).as_pointer()),
+                align=1,
+            )
+            lanes.append(qv)
+        reduce = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I32, [_V16I]), "llvm.vector.reduce.add.v16i32"
+        )
+        for j in range(LANES):
+            total = builder.call(reduce, [builder.add(lanes[2 * j], lanes[2 * j + 1])])
+            builder.store(total, builder.gep(sbase, [builder.add(s_off, ir.Constant(s_off.type, j))]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def mix_pair_block(typingctx, xq, a_offset, b_offset, mixed, m_offset):
+    """One block of the pair layout from tokens A and B's bytes at ``xq[a_offset:]``/``xq[b_offset:]``."""
+    ok = all(
+        isinstance(a, types.Array) and a.dtype == types.int8 and a.ndim == 1 and a.layout == "C"
+        for a in (xq, mixed)
+    )
+    if not ok:
+        return None
+    sig = types.none(xq, types.intp, types.intp, mixed, types.intp)
+
+    def codegen(context, builder, sig, args):
+        x_a, a_off, b_off, m_a, m_off = args
+        xbase = _data_ptr(context, builder, sig.args[0], x_a)
+        mbase = _data_ptr(context, builder, sig.args[3], m_a)
+        v64 = ir.VectorType(_I8, 64)
+        lo_hi = _indices(list(range(32)) + list(range(96, 128)))  # [first lo | second hi]
+        for s in range(4):
+            a = _load_bytes(builder, xbase, builder.add(a_off, ir.Constant(a_off.type, 64 * s)), 64)
+            b = _load_bytes(builder, xbase, builder.add(b_off, ir.Constant(b_off.type, 64 * s)), 64)
+            for i, (u, v) in enumerate(((a, b), (b, a))):
+                at = builder.add(m_off, ir.Constant(m_off.type, 128 * s + 64 * i))
+                builder.store(
+                    builder.shuffle_vector(u, v, lo_hi),
+                    builder.bitcast(builder.gep(mbase, [at]), v64.as_pointer()),
+                    align=1,
+                )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def quantize_q8k_rows_into(x, t0, t1, xq, x_scale, sums, mixed, neg_sums, pair_scales, pairs):
+    """Rows [t0, t1) of ``x`` float32[T, K] as ``kernels.quantize_q8k_rows`` + ``lane_sums`` (bit for bit),
+    and (if ``pairs``; ``t0`` even) their pairs of the pair layout."""
+    k = x.shape[1]
+    nb = k // BLOCK
+    xf = x.reshape(x.size)
+    qf = xq.reshape(xq.size)
+    sf = sums.reshape(sums.size)
+    for t in range(t0, t1):
+        for b in range(nb):
+            off = t * k + b * BLOCK
+            vmax = block_absmax_first(xf, off)
+            if vmax == np.float32(0.0):
+                x_scale[t, b] = np.float32(0.0)
+                qf[off : off + BLOCK] = 0
+                sums[t, b, :] = 0
+                continue
+            iscale = np.float32(-127.0) / vmax
+            quantize_block(xf, off, iscale, qf, off, sf, (t * nb + b) * LANES)
+            x_scale[t, b] = np.float32(1.0) / iscale
+    if pairs:
+        mf = mixed.reshape(mixed.size)
+        for p in range(t0 // 2, t1 // 2):
+            for b in range(nb):
+                mix_pair_block(
+                    qf,
+                    2 * p * k + b * BLOCK,
+                    (2 * p + 1) * k + b * BLOCK,
+                    mf,
+                    p * 2 * k + b * PAIR_BLOCK_BYTES,
+                )
+                for j in range(LANES):
+                    neg_sums[p, b, j] = -sums[2 * p, b, j]
+                    neg_sums[p, b, LANES + j] = -sums[2 * p + 1, b, j]
+                    pair_scales[p, b, j] = x_scale[2 * p, b]
+                    pair_scales[p, b, LANES + j] = x_scale[2 * p + 1, b]
+
+
 # ---------------------------------------------------------------- generic path: scalar, one token
 
 
@@ -377,34 +825,132 @@ def _tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k
 
 
 @njit(cache=True, inline="always")
-def q8k_matmul_groups(
-    isa, g0, g1, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale, out
+def _pair_tile(
+    isa, g, t0, packed, scales, row_scales, group_uniform, n_out, k, mixed, neg_sums, pair_scales, out
 ):
+    """All outputs of row group ``g`` × the tokens t0..t0+3 on the pair layout (arrays flat but ``out``)."""
+    n_blocks = k // BLOCK
+    w, w_base, w_step = _weight_scales(g, n_blocks, scales, row_scales, group_uniform)
+    group_offset = g * n_blocks * GROUP_BLOCK_BYTES
+    p0 = t0 // 2
+    x_base = p0 * n_blocks * PAIR_BLOCK_BYTES
+    s_base = p0 * n_blocks * PAIR_LANES
+    facc = pair_facc_zero(isa)
+    for b in range(n_blocks):
+        facc = pair_block(
+            facc, packed, group_offset + b * GROUP_BLOCK_BYTES, mixed, x_base + b * PAIR_BLOCK_BYTES,
+            n_blocks * PAIR_BLOCK_BYTES, neg_sums, s_base + b * PAIR_LANES, pair_scales,
+            n_blocks * PAIR_LANES, w, w_base + b * w_step,
+        )  # fmt: skip
+    pair_store(facc, out, t0, g * ROW_GROUP, n_out)
+
+
+@njit(cache=True)
+def q8k_activations(isa, xq, x_scale):
+    """What the q8k kernels read besides ``xq`` and ``x_scale``: ``(sums, mixed, neg_sums, pair_scales)``
+    (``lane_sums``, and the pair layout where ``isa``'s prompt tiles use it; empty otherwise)."""
+    n_tok, k = xq.shape
+    sums = np.empty((n_tok, k // BLOCK, LANES), dtype=np.int32)
+    lane_sums(xq, sums)
+    mixed, neg_sums, pair_scales = pair_buffers(isa, n_tok, k)
+    if uses_pairs(isa):
+        pair_layout(xq, sums, x_scale, 0, n_tok, mixed, neg_sums, pair_scales)
+    return sums, mixed, neg_sums, pair_scales
+
+
+@njit(cache=True)
+def pair_buffers(isa, n_tok, k):
+    """Uninitialised ``(mixed, neg_sums, pair_scales)`` for ``n_tok`` tokens (no pairs where ``isa`` does not
+    use them)."""
+    n_pairs = n_tok // 2 if uses_pairs(isa) else 0
+    nb = k // BLOCK
+    mixed = np.empty((n_pairs, 2 * k), dtype=np.int8)
+    neg_sums = np.empty((n_pairs, nb, PAIR_LANES), dtype=np.int32)
+    pair_scales = np.empty((n_pairs, nb, PAIR_LANES), dtype=np.float32)
+    return mixed, neg_sums, pair_scales
+
+
+@njit(cache=True, inline="always")
+def q8k_matmul_groups(
+    isa, g0, g1, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale, mixed, neg_sums,
+    pair_scales, out,
+):  # fmt: skip
     """Outputs of row groups [g0, g1) for every token (serial).
 
     ``packed``/``group_scales`` of a ``PlanarMatrix``; ``xq`` int8[T, K] C-contiguous; ``sums``
-    int32[T, K/256, 8] from ``lane_sums``; ``x_scale`` float32[T, K/256]; ``out`` float32[T, ≥ n_out].
+    int32[T, K/256, 8] from ``lane_sums``; ``x_scale`` float32[T, K/256]; ``mixed``, ``neg_sums``,
+    ``pair_scales``: the pair layout (``pair_buffers`` + ``pair_layout``); ``out`` float32[T, ≥ n_out].
     """
     n_tok, k = xq.shape
     x = xq.reshape(n_tok * k)
     flat_sums = sums.reshape(sums.size)
     xs = x_scale.reshape(x_scale.size)
     scales = group_scales.reshape(group_scales.size)
+    m, ns, ps = (
+        mixed.reshape(mixed.size),
+        neg_sums.reshape(neg_sums.size),
+        pair_scales.reshape(pair_scales.size),
+    )
     tokens = tile_tokens(isa)
-    one = single_token(isa)
     t_full = n_tok - n_tok % tokens
     for t0 in range(0, t_full, tokens):
         for g in range(g0, g1):
-            tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, flat_sums, xs, out)
+            prompt_tile(
+                isa,
+                g,
+                t0,
+                packed,
+                scales,
+                row_scales,
+                group_uniform,
+                n_out,
+                x,
+                k,
+                flat_sums,
+                xs,
+                m,
+                ns,
+                ps,
+                out,
+            )
+    one = single_token(isa)
     for t0 in range(t_full, n_tok):
         for g in range(g0, g1):
             tile_q8k(one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, flat_sums, xs, out)
 
 
+def prompt_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out):
+    """A full tile of ``isa``'s tokens from ``t0``: on the pair layout where ``isa`` uses it (flat arrays)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(prompt_tile, inline="always")
+def _prompt_tile(
+    isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out
+):
+    # (one-line trampolines into top-level kernels, as in ``tile_q8k``)
+    if _pairs(isa):
+
+        def pairs(
+            isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out
+        ):
+            _pair_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, k, m, ns, ps, out)
+
+        return pairs
+
+    def lanes(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out):
+        tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out)
+
+    return lanes
+
+
 @njit(cache=True, parallel=True)
 def q8k_matmul(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, sums, x_scale, out):
-    """``q8k_matmul_groups`` over every row group, parallel over chunks of groups."""
+    """``q8k_matmul_groups`` over every row group, parallel over chunks of groups (builds the pair layout)."""
     n_groups = group_scales.shape[0]
+    mixed, neg_sums, pair_scales = pair_buffers(isa, xq.shape[0], xq.shape[1])
+    if uses_pairs(isa):
+        pair_layout(xq, sums, x_scale, 0, xq.shape[0], mixed, neg_sums, pair_scales)
     chunk = planar_chunk_groups(isa, xq.shape[0], xq.shape[1])
     for c in prange((n_groups + chunk - 1) // chunk):
         q8k_matmul_groups(
@@ -419,5 +965,8 @@ def q8k_matmul(isa, packed, group_scales, row_scales, group_uniform, n_out, xq, 
             xq,
             sums,
             x_scale,
+            mixed,
+            neg_sums,
+            pair_scales,
             out,
         )
