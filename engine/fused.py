@@ -26,7 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 from ternary.engine.attention import LANES
 from ternary.engine.attention import apply_rope as rope_rows
 from ternary.engine.kernels import quantize_per_token_rows, rms_norm_rows
@@ -45,7 +47,8 @@ from ternary.engine.kernels_q8k import (
 from ternary.engine.simd import BLOCK, ROW_GROUP, tile_tokens
 from ternary.engine.weights import PlanarQ8KMatrix
 
-WORK_ITEMS_PER_THREAD = 4  # decode: parallel work items per thread in a matmul region
+WORK_ITEMS_PER_THREAD = 4  # parallel work items per thread in a matmul region (claimed as threads go)
+REGIONS = 5  # claimed regions per layer: Q/K/V, attention, O, gate/up, down
 ROWS_PER_ITEM = 8  # row-wise steps (residual, norm, quantizer) take rows 8 at a time
 PLANAR_FIELDS = ("packed", "group_scales", "row_scales", "group_uniform")
 
@@ -231,14 +234,31 @@ def _linear_groups(isa, w, il, g0, g1, act, out):
 def _chunk_groups(isa, n_tok, k, n_groups, n_threads):
     """Row groups per parallel work item for a region of ``n_groups`` groups (over one or more matrices).
 
-    Prefill: the planar kernels' L2-sized chunks (the weights stay hot while every token tile passes).
-    Decode: ``WORK_ITEMS_PER_THREAD`` equal items per thread: Numba splits a prange into equal contiguous
-    ranges, so equal items balance the threads, and a few dozen groups per call keep call overhead small.
-    (``n_threads`` comes from the caller: ``numba.get_num_threads()`` in jitted code defeats the disk cache.)
+    ``WORK_ITEMS_PER_THREAD`` items per thread, which threads claim as they go (``claim``): a thread the
+    machine stalls costs the others an item, not its share. Prefill items are at most the planar kernels'
+    L2-sized chunks (the weights stay hot while every token tile passes); decode items are a few dozen groups
+    (call overhead stays small). (``n_threads`` comes from the caller: ``numba.get_num_threads()`` in jitted
+    code defeats the disk cache.)
     """
+    even = max(1, -(-n_groups // (WORK_ITEMS_PER_THREAD * n_threads)))
     if n_tok >= tile_tokens(isa):
-        return planar_chunk_groups(isa, n_tok, k)
-    return max(1, n_groups // (WORK_ITEMS_PER_THREAD * n_threads))
+        return min(even, planar_chunk_groups(isa, n_tok, k))
+    return even
+
+
+@intrinsic
+def claim(typingctx, counters, index):
+    """Atomically take the next work item of a region: ``counters[index]`` before adding 1 to it."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64 and counters.ndim == 1):
+        return None
+    sig = types.int64(counters, types.intp)
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(arr.data, [args[1]])
+        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return sig, codegen
 
 
 # ---------------------------------------------------------------- the layers
@@ -281,6 +301,7 @@ def forward_layers(
     act_h = _quantized(isa, q8k, n_tok, n_embd)
     act_a = _quantized(isa, q8k, n_tok, n_q)
     act_f = _quantized(isa, q8k, n_tok, n_ff)
+    counters = np.zeros(REGIONS * n_layer, dtype=np.int64)  # the next work item of every claimed region
 
     gq, gk, gv, go = wq[3].shape[1], wk[3].shape[1], wv[3].shape[1], wo[3].shape[1]
     gf, gd = w_gate[3].shape[1], w_down[3].shape[1]
@@ -307,16 +328,20 @@ def forward_layers(
                 _rows_in(isa, t0, t1, x, o, add_prev, attn_norm[il], True, eps, h, q8k, act_h)
         else:
             _rows_in(isa, 0, n_tok, x, o, add_prev, attn_norm[il], True, eps, h, q8k, act_h)
-        for c in prange(nq + nk + nv):
-            if c < nq:
-                c0 = c * c_qkv
-                _linear_groups(isa, wq, il, c0, min(c0 + c_qkv, gq), act_h, q)
-            elif c < nq + nk:
-                c0 = (c - nq) * c_qkv
-                _linear_groups(isa, wk, il, c0, min(c0 + c_qkv, gk), act_h, k)
-            else:
-                c0 = (c - nq - nk) * c_qkv
-                _linear_groups(isa, wv, il, c0, min(c0 + c_qkv, gv), act_h, v)
+        for _ in prange(n_threads):
+            while True:
+                c = claim(counters, il * REGIONS)
+                if c >= nq + nk + nv:
+                    break
+                if c < nq:
+                    c0 = c * c_qkv
+                    _linear_groups(isa, wq, il, c0, min(c0 + c_qkv, gq), act_h, q)
+                elif c < nq + nk:
+                    c0 = (c - nq) * c_qkv
+                    _linear_groups(isa, wk, il, c0, min(c0 + c_qkv, gk), act_h, k)
+                else:
+                    c0 = (c - nq - nk) * c_qkv
+                    _linear_groups(isa, wv, il, c0, min(c0 + c_qkv, gv), act_h, v)
         if n_row_items > 1:
             for c in prange(n_row_items):
                 t0 = c * ROWS_PER_ITEM
@@ -327,17 +352,21 @@ def forward_layers(
             _rope_store(0, n_tok, q, k, v, rope, il, slots, positions, cache, heads)
         kc = k_cache[il].reshape(k_cache[il].size)
         vc = v_cache[il].reshape(v_cache[il].size)
-        for th in prange(n_tok * n_head):
-            # head-major: Numba hands each thread a contiguous range, and causal work grows with t
-            hh = th // n_tok
-            t = th % n_tok
-            n_keys = positions[t] + 1
-            scratch = np.empty(LANES * head_dim + 2 * (n_keys + LANES), dtype=np.float32)
-            kv_off = (slots[t] * n_ctx * n_head_kv + hh // group) * head_dim
-            attend_head(
-                q_flat, t * n_q + hh * head_dim, kc, vc, kv_off, n_kv, n_keys, head_dim, scale32,
-                a_flat, t * n_q + hh * head_dim, scratch,
-            )  # fmt: skip
+        for _ in prange(n_threads):
+            while True:
+                th = claim(counters, il * REGIONS + 1)
+                if th >= n_tok * n_head:
+                    break
+                # head-major: the heads of one KV head follow each other, causal work grows with t
+                hh = th // n_tok
+                t = th % n_tok
+                n_keys = positions[t] + 1
+                scratch = np.empty(LANES * head_dim + 2 * (n_keys + LANES), dtype=np.float32)
+                kv_off = (slots[t] * n_ctx * n_head_kv + hh // group) * head_dim
+                attend_head(
+                    q_flat, t * n_q + hh * head_dim, kc, vc, kv_off, n_kv, n_keys, head_dim, scale32,
+                    a_flat, t * n_q + hh * head_dim, scratch,
+                )  # fmt: skip
 
         # ---- sub-norm, O projection
         if n_row_items > 1:
@@ -347,8 +376,12 @@ def forward_layers(
                 _rows_in(isa, t0, t1, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
         else:
             _rows_in(isa, 0, n_tok, a, a, False, sub_a, has_sub_norms, eps, a, q8k, act_a)
-        for c in prange(no):
-            _linear_groups(isa, wo, il, c * co, min(c * co + co, go), act_a, o)
+        for _ in prange(n_threads):
+            while True:
+                c = claim(counters, il * REGIONS + 2)
+                if c >= no:
+                    break
+                _linear_groups(isa, wo, il, c * co, min(c * co + co, go), act_a, o)
 
         # ---- residual, FFN norm, gate/up with the activation applied per chunk
         if n_row_items > 1:
@@ -358,11 +391,15 @@ def forward_layers(
                 _rows_in(isa, t0, t1, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
         else:
             _rows_in(isa, 0, n_tok, x, o, True, ffn_norm[il], True, eps, h, q8k, act_h)
-        for c in prange(nf):
-            g0, g1 = c * cf, min(c * cf + cf, gf)
-            _linear_groups(isa, w_gate, il, g0, g1, act_h, g)
-            _linear_groups(isa, w_up, il, g0, g1, act_h, u)
-            gate_rows(g, u, relu2, f, g0 * ROW_GROUP, min(g1 * ROW_GROUP, n_ff))
+        for _ in prange(n_threads):
+            while True:
+                c = claim(counters, il * REGIONS + 3)
+                if c >= nf:
+                    break
+                g0, g1 = c * cf, min(c * cf + cf, gf)
+                _linear_groups(isa, w_gate, il, g0, g1, act_h, g)
+                _linear_groups(isa, w_up, il, g0, g1, act_h, u)
+                gate_rows(g, u, relu2, f, g0 * ROW_GROUP, min(g1 * ROW_GROUP, n_ff))
 
         # ---- sub-norm, down projection, residual
         if n_row_items > 1:
@@ -372,8 +409,12 @@ def forward_layers(
                 _rows_in(isa, t0, t1, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
         else:
             _rows_in(isa, 0, n_tok, f, f, False, sub_f, has_sub_norms, eps, f, q8k, act_f)
-        for c in prange(nd):
-            _linear_groups(isa, w_down, il, c * cd, min(c * cd + cd, gd), act_f, o)
+        for _ in prange(n_threads):
+            while True:
+                c = claim(counters, il * REGIONS + 4)
+                if c >= nd:
+                    break
+                _linear_groups(isa, w_down, il, c * cd, min(c * cd + cd, gd), act_f, o)
         # (its residual is added by the next layer's first row step, or below after the last layer)
 
     if n_row_items > 1:

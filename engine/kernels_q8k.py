@@ -824,25 +824,37 @@ def _tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k
     )
 
 
-@njit(cache=True, inline="always")
-def _pair_tile(
-    isa, g, t0, packed, scales, row_scales, group_uniform, n_out, k, mixed, neg_sums, pair_scales, out
+@njit(cache=True)
+def _pair_tiles(
+    isa, g0, g1, t_full, packed, scales, row_scales, group_uniform, n_out, k, mixed, neg_sums, ps, out
 ):
-    """All outputs of row group ``g`` × the tokens t0..t0+3 on the pair layout (arrays flat but ``out``)."""
+    """Row groups [g0, g1) × tokens [0, t_full) in tiles of 4 tokens on the pair layout (flat arrays but
+    ``out``). Whole loops in one function: per-tile calls into inlined helpers cost reference counting."""
     n_blocks = k // BLOCK
-    w, w_base, w_step = _weight_scales(g, n_blocks, scales, row_scales, group_uniform)
-    group_offset = g * n_blocks * GROUP_BLOCK_BYTES
-    p0 = t0 // 2
-    x_base = p0 * n_blocks * PAIR_BLOCK_BYTES
-    s_base = p0 * n_blocks * PAIR_LANES
-    facc = pair_facc_zero(isa)
-    for b in range(n_blocks):
-        facc = pair_block(
-            facc, packed, group_offset + b * GROUP_BLOCK_BYTES, mixed, x_base + b * PAIR_BLOCK_BYTES,
-            n_blocks * PAIR_BLOCK_BYTES, neg_sums, s_base + b * PAIR_LANES, pair_scales,
-            n_blocks * PAIR_LANES, w, w_base + b * w_step,
-        )  # fmt: skip
-    pair_store(facc, out, t0, g * ROW_GROUP, n_out)
+    pair_stride = n_blocks * PAIR_BLOCK_BYTES
+    sums_stride = n_blocks * PAIR_LANES
+    for t0 in range(0, t_full, tile_tokens(isa)):
+        x_base = (t0 // 2) * pair_stride
+        s_base = (t0 // 2) * sums_stride
+        for g in range(g0, g1):
+            w, w_base, w_step = _weight_scales(g, n_blocks, scales, row_scales, group_uniform)
+            group_offset = g * n_blocks * GROUP_BLOCK_BYTES
+            facc = pair_facc_zero(isa)
+            for b in range(n_blocks):
+                facc = pair_block(
+                    facc, packed, group_offset + b * GROUP_BLOCK_BYTES, mixed, x_base + b * PAIR_BLOCK_BYTES,
+                    pair_stride, neg_sums, s_base + b * PAIR_LANES, ps, sums_stride, w, w_base + b * w_step,
+                )  # fmt: skip
+            pair_store(facc, out, t0, g * ROW_GROUP, n_out)
+
+
+@njit(cache=True)
+def _lane_tiles(isa, g0, g1, t0, t1, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out):
+    """Row groups [g0, g1) × tokens [t0, t1) in tiles of ``isa``'s tokens on the plain layout (flat arrays
+    but ``out``)."""
+    for t in range(t0, t1, tile_tokens(isa)):
+        for g in range(g0, g1):
+            tile_q8k(isa, g, t, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out)
 
 
 @njit(cache=True)
@@ -886,60 +898,65 @@ def q8k_matmul_groups(
     flat_sums = sums.reshape(sums.size)
     xs = x_scale.reshape(x_scale.size)
     scales = group_scales.reshape(group_scales.size)
-    m, ns, ps = (
-        mixed.reshape(mixed.size),
-        neg_sums.reshape(neg_sums.size),
-        pair_scales.reshape(pair_scales.size),
-    )
-    tokens = tile_tokens(isa)
-    t_full = n_tok - n_tok % tokens
-    for t0 in range(0, t_full, tokens):
-        for g in range(g0, g1):
-            prompt_tile(
-                isa,
-                g,
-                t0,
-                packed,
-                scales,
-                row_scales,
-                group_uniform,
-                n_out,
-                x,
-                k,
-                flat_sums,
-                xs,
-                m,
-                ns,
-                ps,
-                out,
-            )
+    t_full = n_tok - n_tok % tile_tokens(isa)
+    if t_full > 0:
+        m, ns = mixed.reshape(mixed.size), neg_sums.reshape(neg_sums.size)
+        ps = pair_scales.reshape(pair_scales.size)
+        prompt_tiles(
+            isa, g0, g1, t_full, packed, scales, row_scales, group_uniform, n_out, x, k, flat_sums, xs, m, ns,
+            ps, out,
+        )  # fmt: skip
     one = single_token(isa)
     for t0 in range(t_full, n_tok):
         for g in range(g0, g1):
             tile_q8k(one, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, flat_sums, xs, out)
 
 
-def prompt_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out):
-    """A full tile of ``isa``'s tokens from ``t0``: on the pair layout where ``isa`` uses it (flat arrays)."""
+def prompt_tiles(
+    isa, g0, g1, t_full, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out
+):
+    """Tokens [0, t_full) in full tiles of ``isa``: on the pair layout where ``isa`` uses it (flat arrays)."""
     raise NotImplementedError("only callable from jitted code")
 
 
-@overload(prompt_tile, inline="always")
-def _prompt_tile(
-    isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out
+@overload(prompt_tiles, inline="always")
+def _prompt_tiles(
+    isa, g0, g1, t_full, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out
 ):
-    # (one-line trampolines into top-level kernels, as in ``tile_q8k``)
+    # (one-call trampolines into top-level kernels, as in ``tile_q8k``)
     if _pairs(isa):
 
         def pairs(
-            isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out
+            isa,
+            g0,
+            g1,
+            t_full,
+            packed,
+            scales,
+            row_scales,
+            group_uniform,
+            n_out,
+            x,
+            k,
+            sums,
+            xs,
+            m,
+            ns,
+            ps,
+            out,
         ):
-            _pair_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, k, m, ns, ps, out)
+            _pair_tiles(
+                isa, g0, g1, t_full, packed, scales, row_scales, group_uniform, n_out, k, m, ns, ps, out
+            )
 
         return pairs
 
-    def lanes(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out):
-        tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out)
+    def lanes(
+        isa, g0, g1, t_full, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, m, ns, ps, out
+    ):
+        _lane_tiles(
+            isa, g0, g1, 0, t_full, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out
+        )
 
     return lanes
 

@@ -5,13 +5,15 @@
 * ``kernels_q8k.q8k_matmul`` (512-bit tiles on token pairs, leftovers one token at a time) against
   ``kernels.ternary_q8k_matmul`` for every token count of a few tiles and every kernel path;
 * ``kernels_attention`` 16-keys-at-a-time attention against the one-key-at-a-time twin, and both against
-  ``attention.attention``.
+  ``attention.attention``;
+* the fused forward's claimed work items: the same logits on one thread and two.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import ORACLE, read_ids
 from ternary.engine import attention, cpu_features, kernels, simd
 from ternary.engine.kernels_attention import _attend_blocks, _attend_lanes
 from ternary.engine.kernels_q8k import (
@@ -22,7 +24,9 @@ from ternary.engine.kernels_q8k import (
     q8k_matmul,
     quantize_q8k_rows_into,
 )
+from ternary.engine.model import load_transformer
 from ternary.engine.planar import PlanarMatrix
+from ternary.formats.model_file import open_model
 
 PATHS = cpu_features.supported_paths()
 F32 = np.float32
@@ -157,3 +161,26 @@ def test_attention_16_keys_at_a_time_is_bit_identical(head_dim: int) -> None:
         o = h * head_dim
         _attend_blocks(q, o, k, v, o, stride, 41, head_dim, F32(0.125), got, o, scratch)
     np.testing.assert_array_equal(got, want[0])
+
+
+def test_claimed_work_items_give_the_same_logits_on_two_threads() -> None:
+    """Threads claim the fused forward's matmul and attention items as they go: which thread computes an
+    item must not change a bit (a prompt and the decode step after it, alternating thread counts)."""
+    import numba
+
+    with open_model(ORACLE / "tiny-tq2_0-blockscales-f16.gguf") as mf:
+        m = load_transformer(mf, n_ctx=64, repack_cache=False)
+    ids = read_ids(ORACLE / "tiny-tq2_0-blockscales-f16" / "prompt.batch.tokens.txt")[:40]
+    runs = []
+    try:
+        for threads in (1, 2, 1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            m.reset_slot(0)
+            prompt = m.forward(ids, np.arange(len(ids)), np.zeros(len(ids), np.int32))
+            step = m.forward([ids[0]], [len(ids)], [0])
+            runs.append((prompt, step))
+    finally:
+        numba.set_num_threads(1)
+    for prompt, step in runs[1:]:
+        np.testing.assert_array_equal(prompt, runs[0][0])
+        np.testing.assert_array_equal(step, runs[0][1])
