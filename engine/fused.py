@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 from ternary.engine.attention import LANES
 from ternary.engine.attention import apply_rope as rope_rows
 from ternary.engine.kernels import quantize_per_token_rows, rms_norm_rows
-from ternary.engine.kernels_attention import attend_head
+from ternary.engine.kernels_attention import attend_head, attend_strided, compact_kv
 from ternary.engine.kernels_fast import activation_sums, planar_chunk_groups, planar_matmul_groups
 from ternary.engine.kernels_ffn import gate_rows
 from ternary.engine.kernels_q8k import LANES as Q8K_LANES
@@ -49,6 +49,8 @@ from ternary.engine.weights import PlanarQ8KMatrix
 
 WORK_ITEMS_PER_THREAD = 4  # parallel work items per thread in a matmul region (claimed as threads go)
 REGIONS = 5  # claimed regions per layer: Q/K/V, attention, O, gate/up, down
+COMPACT_MIN_TOKENS = 8  # prompt batches from this size attend over contiguous copies of their keys
+COMPACT_ROWS = 64  # cache rows per copying work item
 ROWS_PER_ITEM = 8  # row-wise steps (residual, norm, quantizer) take rows 8 at a time
 PLANAR_FIELDS = ("packed", "group_scales", "row_scales", "group_uniform")
 
@@ -302,6 +304,15 @@ def forward_layers(
     act_a = _quantized(isa, q8k, n_tok, n_q)
     act_f = _quantized(isa, q8k, n_tok, n_ff)
     counters = np.zeros(REGIONS * n_layer, dtype=np.int64)  # the next work item of every claimed region
+    # prompt attention over contiguous copies of the keys (one slot, enough queries to pay for the copy)
+    compact = n_tok >= COMPACT_MIN_TOKENS and head_dim % (4 * LANES) == 0 and (slots == slots[0]).all()
+    max_keys = positions.max() + 1
+    n_rows = max_keys if compact else 0
+    n_row_blocks = -(-n_rows // COMPACT_ROWS)
+    k_rows = np.empty((n_head_kv, n_rows, head_dim), dtype=np.float32)
+    v_blocks = np.empty((n_head_kv, head_dim // LANES, n_rows, LANES), dtype=np.float32)
+    k_flat = k_rows.reshape(k_rows.size)
+    v_flat = v_blocks.reshape(v_blocks.size)
 
     gq, gk, gv, go = wq[3].shape[1], wk[3].shape[1], wv[3].shape[1], wo[3].shape[1]
     gf, gd = w_gate[3].shape[1], w_down[3].shape[1]
@@ -350,9 +361,17 @@ def forward_layers(
                 )
         else:
             _rope_store(0, n_tok, q, k, v, rope, il, slots, positions, cache, heads)
+        if compact:  # one slot's prompt: its keys 0..n_rows-1 copied contiguous, per KV head
+            for c in prange(n_head_kv * n_row_blocks):
+                kvh, r0 = c // n_row_blocks, (c % n_row_blocks) * COMPACT_ROWS
+                compact_kv(
+                    k_cache[il], v_cache[il], slots[0], kvh, r0, min(r0 + COMPACT_ROWS, n_rows), k_rows[kvh],
+                    v_blocks[kvh],
+                )  # fmt: skip
         kc = k_cache[il].reshape(k_cache[il].size)
         vc = v_cache[il].reshape(v_cache[il].size)
         for _ in prange(n_threads):
+            scratch = np.empty(LANES * head_dim + 2 * (max_keys + LANES), dtype=np.float32)
             while True:
                 th = claim(counters, il * REGIONS + 1)
                 if th >= n_tok * n_head:
@@ -361,12 +380,18 @@ def forward_layers(
                 hh = th // n_tok
                 t = th % n_tok
                 n_keys = positions[t] + 1
-                scratch = np.empty(LANES * head_dim + 2 * (n_keys + LANES), dtype=np.float32)
-                kv_off = (slots[t] * n_ctx * n_head_kv + hh // group) * head_dim
-                attend_head(
-                    q_flat, t * n_q + hh * head_dim, kc, vc, kv_off, n_kv, n_keys, head_dim, scale32,
-                    a_flat, t * n_q + hh * head_dim, scratch,
-                )  # fmt: skip
+                qo = t * n_q + hh * head_dim
+                if compact:
+                    off = (hh // group) * n_rows * head_dim
+                    attend_strided(
+                        q_flat, qo, k_flat, off, head_dim, v_flat, off, LANES, n_rows * LANES, n_keys,
+                        head_dim, scale32, a_flat, qo, scratch,
+                    )  # fmt: skip
+                else:
+                    kv_off = (slots[t] * n_ctx * n_head_kv + hh // group) * head_dim
+                    attend_head(
+                        q_flat, qo, kc, vc, kv_off, n_kv, n_keys, head_dim, scale32, a_flat, qo, scratch
+                    )
 
         # ---- sub-norm, O projection
         if n_row_items > 1:

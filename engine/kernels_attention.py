@@ -278,15 +278,16 @@ def pv_columns16(typingctx, v, v_off, v_stride, n_keys, p, out, out_off):
                 builder.store(_fma(builder, vv, pj, builder.load(accs[r])), accs[r])
         j0 = builder.mul(full, ir.Constant(i64, LANES))
         rest = builder.sub(nk, j0)
-        rows = _clamped_rows(builder, builder.add(vo, builder.mul(j0, vst)), vst, rest)
-        last = builder.sub(nk, ir.Constant(i64, 1))
-        for r in range(LANES):
-            valid = builder.icmp_signed("<", ir.Constant(i64, r), rest)
-            j = builder.select(valid, builder.add(j0, ir.Constant(i64, r)), last)
-            vv = _load16(context, builder, signature.args[0], va, rows[r])
-            pj = _splat16(builder, builder.load(builder.gep(pdata, [j])))
-            acc = builder.load(accs[r])
-            builder.store(builder.select(valid, _fma(builder, vv, pj, acc), acc), accs[r])
+        with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(i64, 0))):
+            rows = _clamped_rows(builder, builder.add(vo, builder.mul(j0, vst)), vst, rest)
+            last = builder.sub(nk, ir.Constant(i64, 1))
+            for r in range(LANES):
+                valid = builder.icmp_signed("<", ir.Constant(i64, r), rest)
+                j = builder.select(valid, builder.add(j0, ir.Constant(i64, r)), last)
+                vv = _load16(context, builder, signature.args[0], va, rows[r])
+                pj = _splat16(builder, builder.load(builder.gep(pdata, [j])))
+                acc = builder.load(accs[r])
+                builder.store(builder.select(valid, _fma(builder, vv, pj, acc), acc), accs[r])
         rows_v = [builder.load(a) for a in accs]
         a = [
             builder.fadd(builder.fadd(rows_v[i], rows_v[i + 8]), builder.fadd(rows_v[i + 4], rows_v[i + 12]))
@@ -336,28 +337,62 @@ def attend_head(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out,
     + head_dim]`` (same for ``v``); ``scratch`` float32[≥ 16·head_dim + 2·(n_keys + 16)].
     """
     if head_dim % VEC_DOT_STEP == 0:
-        _attend_blocks(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch)
+        attend_strided(
+            q, q_off, k, kv_off, kv_stride, v, kv_off, kv_stride, LANES, n_keys, head_dim, scale, out,
+            out_off, scratch,
+        )  # fmt: skip
     else:
         _attend_lanes(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch)
 
 
 @njit(cache=True)
-def _attend_blocks(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out, out_off, scratch):
-    """``attend_head`` 16 keys at a time (``head_dim`` a multiple of 64: no tail past ``vec_dot_main``)."""
+def attend_strided(
+    q, q_off, k, k_off, k_stride, v, v_off, v_stride, v_block_stride, n_keys, head_dim, scale, out, out_off,
+    scratch,
+):  # fmt: skip
+    """``attend_head`` 16 keys at a time (``head_dim`` a multiple of 64: no tail past ``vec_dot_main``) over
+    any layout: key j at ``k[k_off + j·k_stride:]``; element e of value j at ``v[v_off + (e // 16)·
+    v_block_stride + j·v_stride + e % 16]`` (the cache's rows: ``v_stride`` = the row stride, blocks 16 apart;
+    ``compact_kv``'s: 16, blocks ``16·n_rows`` apart)."""
     n_pad = (n_keys + LANES - 1) // LANES * LANES
     scores = scratch[:n_pad]
     p = scratch[n_pad : 2 * n_pad]
     steps = head_dim // VEC_DOT_STEP
+    # (the usual head sizes get a constant step count: LLVM then unrolls each key's loop, 2.5x faster)
+    if steps == 1:
+        vmax = _all_scores(q, q_off, k, k_off, k_stride, n_keys, 1, scale, scores)
+    elif steps == 2:
+        vmax = _all_scores(q, q_off, k, k_off, k_stride, n_keys, 2, scale, scores)
+    else:
+        vmax = _all_scores(q, q_off, k, k_off, k_stride, n_keys, steps, scale, scores)
+    softmax_scaled(scores, n_keys, vmax, p)
+    for c in range(head_dim // LANES):
+        pv_columns16(v, v_off + c * v_block_stride, v_stride, n_keys, p, out, out_off + c * LANES)
+
+
+@njit(cache=True, inline="always")
+def _all_scores(q, q_off, k, k_off, k_stride, n_keys, steps, scale, scores):
+    """``qk_scores16`` over keys 0..n_keys-1; returns the largest score."""
     vmax = np.float32(-np.inf)
     for j0 in range(0, n_keys, LANES):
         n_valid = min(LANES, n_keys - j0)
-        vmax = max(
-            vmax,
-            qk_scores16(k, kv_off + j0 * kv_stride, kv_stride, n_valid, q, q_off, steps, scale, scores, j0),
-        )
-    softmax_scaled(scores, n_keys, vmax, p)
-    for c in range(0, head_dim, LANES):
-        pv_columns16(v, kv_off + c, kv_stride, n_keys, p, out, out_off + c)
+        m = qk_scores16(k, k_off + j0 * k_stride, k_stride, n_valid, q, q_off, steps, scale, scores, j0)
+        vmax = max(vmax, m)
+    return vmax
+
+
+@njit(cache=True)
+def compact_kv(k_cache, v_cache, slot, kv_head, r0, r1, k_rows, v_blocks):
+    """Rows [r0, r1) of one slot's and KV head's cache (float32[n_slots, n_ctx, n_head_kv, head_dim]) into
+    contiguous buffers: ``k_rows[j, e]`` (float32[n_rows, head_dim]) and ``v_blocks[e // 16, j, e % 16]``
+    (float32[head_dim/16, n_rows, 16]). Prompt attention then streams both instead of striding over heads."""
+    head_dim = k_rows.shape[1]
+    for j in range(r0, r1):
+        for e in range(head_dim):
+            k_rows[j, e] = k_cache[slot, j, kv_head, e]
+        for c in range(head_dim // LANES):
+            for e in range(LANES):
+                v_blocks[c, j, e] = v_cache[slot, j, kv_head, c * LANES + e]
 
 
 @njit(cache=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import ORACLE, read_ids
 from ternary.engine import attention, cpu_features, kernels, simd
-from ternary.engine.kernels_attention import _attend_blocks, _attend_lanes
+from ternary.engine.kernels_attention import _attend_lanes, attend_head, attend_strided, compact_kv
 from ternary.engine.kernels_q8k import (
     PAIR_BLOCK_BYTES,
     lane_sums,
@@ -133,6 +133,8 @@ def test_prompt_tiles_equal_the_reference_q8k_kernel_for_every_token_count(
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_attention_16_keys_at_a_time_is_bit_identical(head_dim: int) -> None:
+    """On the cache's rows and on ``compact_kv``'s copies: the one-key-at-a-time twin's bits, and those of
+    ``attention.attention``."""
     rng = np.random.default_rng(head_dim)
     n_kv_head, n_ctx = 2, 70
     stride = n_kv_head * head_dim
@@ -141,25 +143,34 @@ def test_attention_16_keys_at_a_time_is_bit_identical(head_dim: int) -> None:
     v[::7] = -0.0
     q = rng.standard_normal(2 * head_dim).astype(F32)
     scratch = np.empty(16 * head_dim + 2 * (n_ctx + 16), F32)
-    for n_keys in [1, 2, 15, 16, 17, 33, 64, n_ctx]:
-        for kv_off in (0, head_dim):
-            fast = np.full(3 * head_dim, np.nan, F32)
-            slow = fast.copy()
-            args = (q, head_dim, k, v, kv_off, stride, n_keys, head_dim, F32(0.125))
-            _attend_blocks(*args, fast, head_dim, scratch)
-            _attend_lanes(*args, slow, head_dim, scratch)
-            np.testing.assert_array_equal(fast.view(np.int32), slow.view(np.int32))
-            assert not np.isnan(fast[head_dim : 2 * head_dim]).any()
-    # and the reference of them both: two heads, each on its own KV head, over a slot's cache
     cache_k = k.reshape(1, n_ctx, n_kv_head, head_dim)
     cache_v = v.reshape(1, n_ctx, n_kv_head, head_dim)
+    k_rows = np.empty((n_ctx, head_dim), F32)
+    v_blocks = np.empty((head_dim // 16, n_ctx, 16), F32)
+    for n_keys in [1, 2, 15, 16, 17, 33, 64, n_ctx]:
+        for h in range(n_kv_head):
+            kv_off = h * head_dim
+            compact_kv(cache_k, cache_v, 0, h, 0, n_ctx, k_rows, v_blocks)
+            outs = [np.full(3 * head_dim, np.nan, F32) for _ in range(3)]
+            args = (k, v, kv_off, stride, n_keys, head_dim, F32(0.125))
+            attend_head(q, head_dim, *args, outs[0], head_dim, scratch)
+            _attend_lanes(q, head_dim, *args, outs[1], head_dim, scratch)
+            rows, blocks = k_rows.ravel(), v_blocks.ravel()
+            attend_strided(
+                q, head_dim, rows, 0, head_dim, blocks, 0, 16, n_ctx * 16, n_keys, head_dim, F32(0.125),
+                outs[2], head_dim, scratch,
+            )  # fmt: skip
+            for got in outs[1:]:
+                np.testing.assert_array_equal(got.view(np.int32), outs[0].view(np.int32))
+            assert not np.isnan(outs[0][head_dim : 2 * head_dim]).any()
+    # the reference: two heads, each on its own KV head, over a slot's cache
     want = np.empty((1, 2 * head_dim), F32)
     zero, pos = np.zeros(1, np.int32), np.array([40], np.int32)
     attention.attention(q.reshape(1, -1), cache_k, cache_v, zero, pos, 2, head_dim, 0.125, want)
     got = np.empty(2 * head_dim, F32)
     for h in range(2):
         o = h * head_dim
-        _attend_blocks(q, o, k, v, o, stride, 41, head_dim, F32(0.125), got, o, scratch)
+        attend_head(q, o, k, v, o, stride, 41, head_dim, F32(0.125), got, o, scratch)
     np.testing.assert_array_equal(got, want[0])
 
 
