@@ -144,6 +144,19 @@ def _row_lanes(builder, isa: IsaType, acc_v) -> list[ir.Value]:
     return rows
 
 
+def _scale_pointer(
+    context, builder, scales_ty, scales, scales_offset, rows_ty, row_scales, rows_offset, uniform
+):
+    """Pointer to a row group's 4 weight scales: ``row_scales[rows_offset:]`` if ``uniform`` else
+    ``scales[scales_offset:]``. Chosen on pointers: an array chosen in jitted code costs reference counting
+    (two runtime calls) per tile."""
+    return builder.select(
+        builder.icmp_unsigned("!=", uniform, ir.Constant(uniform.type, 0)),
+        _element_ptr(context, builder, rows_ty, row_scales, rows_offset),
+        _element_ptr(context, builder, scales_ty, scales, scales_offset),
+    )
+
+
 @intrinsic
 def q8k_facc_zero(typingctx, isa):
     """Zeroed float accumulators for a tile of ``isa``."""
@@ -200,32 +213,34 @@ def q8k_acc_start(typingctx, isa, sums, sums_offset, sums_stride):
 
 
 @intrinsic
-def q8k_facc_fma(typingctx, facc, acc, w, w_offset, xs, xs_offset, xs_stride):
+def q8k_facc_fma(
+    typingctx, facc, acc, scales, scales_offset, row_scales, rows_offset, uniform, xs, xs_offset, xs_stride
+):
     """One block of llama.cpp's TQ × Q8_K float step for every (row r, token j) of the tile.
 
     ``lane = fold(acc[r, j])`` (int32; ``acc`` started from ``q8k_acc_start``), then
-    ``facc[r, j] = fma(float(lane), xs[xs_offset + j·xs_stride] · w[w_offset + r], facc[r, j])`` per lane.
+    ``facc[r, j] = fma(float(lane), xs[xs_offset + j·xs_stride] · w[r], facc[r, j])`` per lane, with the
+    weight scales ``w`` at ``row_scales[rows_offset:]`` if ``uniform`` else ``scales[scales_offset:]``
+    (``_scale_pointer``).
     """
     if not isinstance(facc, Q8KFAccType) or not isinstance(acc, TileAccType) or facc.isa != acc.isa:
         return None
-    ok = (
-        isinstance(w, types.Array) and w.dtype == types.float32 and w.ndim == 1
-        and isinstance(xs, types.Array) and xs.dtype == types.float32 and xs.ndim == 1
-    )  # fmt: skip
-    if not ok:
+    if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 for a in (scales, xs)):
         return None
     isa = facc.isa
-    sig = facc(facc, acc, w, types.intp, xs, types.intp, types.intp)
+    intp = types.intp
+    sig = facc(facc, acc, scales, intp, row_scales, intp, uniform, xs, intp, intp)
 
     def codegen(context, builder, sig, args):
-        facc_v, acc_v, w_a, w_off, xs_a, xs_off, xs_stride = args
+        facc_v, acc_v, sc_a, sc_off, rs_a, rs_off, uni, xs_a, xs_off, xs_stride = args
+        w_ptr = _scale_pointer(context, builder, sig.args[2], sc_a, sc_off, sig.args[4], rs_a, rs_off, uni)
         tokens, per = isa.tokens, _per_vector(isa)
 
         def at(aty, arr, index):
             return _element_ptr(context, builder, aty, arr, index)
 
         def const(v):
-            return ir.Constant(w_off.type, v)
+            return ir.Constant(sc_off.type, v)
 
         rows = _row_lanes(builder, isa, acc_v)
         if isa.lanes == 2 * LANES:  # fold lanes i and i+8 of two outputs into one vector
@@ -238,10 +253,10 @@ def q8k_facc_fma(typingctx, facc, acc, w, w_offset, xs, xs_offset, xs_stride):
         else:
             folded = rows
         xs_vals = [
-            builder.load(at(sig.args[4], xs_a, builder.add(xs_off, builder.mul(xs_stride, const(j)))))
+            builder.load(at(sig.args[7], xs_a, builder.add(xs_off, builder.mul(xs_stride, const(j)))))
             for j in range(tokens)
         ]
-        w_vals = [builder.load(at(sig.args[2], w_a, builder.add(w_off, const(r)))) for r in range(ROW_GROUP)]
+        w_vals = [builder.load(builder.gep(w_ptr, [const(r)])) for r in range(ROW_GROUP)]
         fvec = _facc_vector(isa)
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(fvec, [fvec, fvec, fvec]), f"llvm.fma.v{fvec.count}f32"
@@ -395,21 +410,25 @@ def pair_facc_zero(typingctx, isa):
 @intrinsic
 def pair_block(
     typingctx, facc, packed, offset, mixed, x_offset, pair_stride, neg_sums, sums_offset, pair_scales,
-    sums_stride, w, w_offset,
+    sums_stride, scales, scales_offset, row_scales, rows_offset, uniform,
 ):  # fmt: skip
     """One 256-weight block of a pair tile: the 4 rows at ``packed[offset:]`` against the tile's pairs
     (pair p's block at ``mixed[x_offset + p·pair_stride:]``, its corrections and scales at ``sums_offset +
-    p·sums_stride``), then ``facc = fma(float(lanes), x_scale·w_scale, facc)`` per lane, as llama.cpp."""
+    p·sums_stride``), then ``facc = fma(float(lanes), x_scale·w_scale, facc)`` per lane, as llama.cpp.
+
+    The 4 weight scales are ``row_scales[rows_offset:]`` if ``uniform`` else ``scales[scales_offset:]``
+    (``_scale_pointer``)."""
     if not isinstance(facc, PairFAccType):
         return None
     isa = facc.isa
     sig = facc(
         facc, packed, types.intp, mixed, types.intp, types.intp, neg_sums, types.intp, pair_scales,
-        types.intp, w, types.intp,
+        types.intp, scales, types.intp, row_scales, types.intp, uniform,
     )  # fmt: skip
 
     def codegen(context, builder, sig, args):
-        facc_v, pk, off, xm, x_off, p_stride, ns, s_off, ps, s_stride, w_a, w_off = args
+        facc_v, pk, off, xm, x_off, p_stride, ns, s_off, ps, s_stride, sc_a, sc_off, rs_a, rs_off, uni = args
+        w_ptr = _scale_pointer(context, builder, sig.args[10], sc_a, sc_off, sig.args[12], rs_a, rs_off, uni)
         pairs = _pair_count(isa)
         acc_t = ir.VectorType(_I32, PAIR_LANES)
         f_t = ir.VectorType(_F32, PAIR_LANES)
@@ -450,11 +469,7 @@ def pair_block(
         )
         swap = _indices(list(range(LANES, PAIR_LANES)) + list(range(LANES)))
         w_lanes = [
-            _splat_value(
-                builder,
-                builder.load(_element_ptr(context, builder, sig.args[10], w_a, builder.add(w_off, const(r)))),
-                PAIR_LANES,
-            )
+            _splat_value(builder, builder.load(builder.gep(w_ptr, [const(r)])), PAIR_LANES)
             for r in range(ROW_GROUP)
         ]
         out = facc_v
@@ -795,8 +810,8 @@ def tile_q8k(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k,
 def _simd_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, k, sums, xs, out):
     tokens = tile_tokens(isa)
     n_blocks = k // BLOCK
-    w, w_base, w_step = _weight_scales(g, n_blocks, scales, row_scales, group_uniform)
     group_offset = g * n_blocks * GROUP_BLOCK_BYTES
+    uniform = group_uniform[g]
     facc = q8k_facc_zero(isa)
     for b in range(n_blocks):
         offset = group_offset + b * GROUP_BLOCK_BYTES
@@ -804,7 +819,10 @@ def _simd_tile(isa, g, t0, packed, scales, row_scales, group_uniform, n_out, x, 
             prefetch_bytes(packed, offset + PREFETCH_BYTES, GROUP_BLOCK_BYTES)
         start = q8k_acc_start(isa, sums, (t0 * n_blocks + b) * LANES, n_blocks * LANES)
         acc = tile_acc_dot(isa, start, packed, offset, x, t0 * k + b * BLOCK, k)
-        facc = q8k_facc_fma(facc, acc, w, w_base + b * w_step, xs, t0 * n_blocks + b, n_blocks)
+        w_off = (g * n_blocks + b) * ROW_GROUP
+        facc = q8k_facc_fma(
+            facc, acc, scales, w_off, row_scales, g * ROW_GROUP, uniform, xs, t0 * n_blocks + b, n_blocks
+        )
     values = q8k_facc_values(facc)
     for r in range(ROW_GROUP):
         n = g * ROW_GROUP + r
@@ -837,13 +855,14 @@ def _pair_tiles(
         x_base = (t0 // 2) * pair_stride
         s_base = (t0 // 2) * sums_stride
         for g in range(g0, g1):
-            w, w_base, w_step = _weight_scales(g, n_blocks, scales, row_scales, group_uniform)
             group_offset = g * n_blocks * GROUP_BLOCK_BYTES
+            uniform = group_uniform[g]
             facc = pair_facc_zero(isa)
             for b in range(n_blocks):
                 facc = pair_block(
                     facc, packed, group_offset + b * GROUP_BLOCK_BYTES, mixed, x_base + b * PAIR_BLOCK_BYTES,
-                    pair_stride, neg_sums, s_base + b * PAIR_LANES, ps, sums_stride, w, w_base + b * w_step,
+                    pair_stride, neg_sums, s_base + b * PAIR_LANES, ps, sums_stride, scales,
+                    (g * n_blocks + b) * ROW_GROUP, row_scales, g * ROW_GROUP, uniform,
                 )  # fmt: skip
             pair_store(facc, out, t0, g * ROW_GROUP, n_out)
 
