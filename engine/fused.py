@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 from ternary.engine.attention import LANES
 from ternary.engine.attention import apply_rope as rope_rows
@@ -116,34 +117,107 @@ def _lane_order(act):
     return xs.shape[1] * BLOCK == xq.shape[1]
 
 
+def _transpose_patterns() -> list[list[tuple[int, int, list[int]]]]:
+    """Shuffles that transpose 8 vectors of 16 lanes as two 8×8 blocks (lanes 0–7 and 8–15): three stages,
+    stage k swapping bit k of the vector index with bit k of the lane; each entry (first, second, indices)
+    builds one output vector from two inputs."""
+    stages = []
+    for k in range(3):
+        bit = 1 << k
+        outs = []
+        for o in range(8):
+            beta = (o >> k) & 1
+            lo_vec, hi_vec = o & ~bit, o | bit
+            indices = []
+            for lane in range(16):
+                lam = (lane >> k) & 1
+                src_lane = (lane & ~bit) | (beta << k)
+                indices.append(src_lane + (16 if lam else 0))
+            outs.append((lo_vec, hi_vec, indices))
+        stages.append(outs)
+    return stages
+
+
+@intrinsic
+def sum_squares_8(typingctx, x, offset, stride, n_rows, k):
+    """Σ float64(x·x) (x·x rounded in float32 first) over k elements of 8 rows at ``x[offset + i·stride:]``
+    (rows past ``n_rows`` repeat the last one), each row summed strictly in order like
+    ``kernels.rms_norm_rows``: 16 columns at a time, transposed so that the 8 rows' sums are one vector."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1 and x.layout == "C"):
+        return None
+    ret = types.UniTuple(types.float64, 8)
+    sig = ret(x, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        x_a, off, stride, n_rows, k = args
+        f32, f64 = ir.FloatType(), ir.DoubleType()
+        v16, v8d = ir.VectorType(f32, 16), ir.VectorType(f64, 8)
+        i32 = ir.IntType(32)
+        base = context.make_array(sig.args[0])(context, builder, x_a).data
+        last = builder.sub(n_rows, ir.Constant(n_rows.type, 1))
+        rows = []
+        for i in range(8):
+            ii = ir.Constant(n_rows.type, i)
+            use = builder.select(builder.icmp_signed("<", ii, n_rows), ii, last)
+            rows.append(builder.add(off, builder.mul(use, stride)))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8d, None))
+        n16 = builder.sdiv(k, ir.Constant(k.type, 16))
+        stages = _transpose_patterns()
+        lo8 = ir.Constant(ir.VectorType(i32, 8), list(range(8)))
+        hi8 = ir.Constant(ir.VectorType(i32, 8), list(range(8, 16)))
+        with cgutils.for_range(builder, n16) as loop:
+            col = builder.mul(loop.index, ir.Constant(k.type, 16))
+            vecs = []
+            for i in range(8):
+                ptr = builder.bitcast(builder.gep(base, [builder.add(rows[i], col)]), v16.as_pointer())
+                v = builder.load(ptr, align=4)
+                vecs.append(builder.fmul(v, v))
+            for stage in stages:
+                vecs = [
+                    builder.shuffle_vector(vecs[a], vecs[b], ir.Constant(ir.VectorType(i32, 16), idx))
+                    for a, b, idx in stage
+                ]
+            total = builder.load(acc)
+            for half in (lo8, hi8):  # columns 0..7, then 8..15: each row's adds stay in order
+                for c in range(8):
+                    part = builder.shuffle_vector(vecs[c], vecs[c], half)
+                    total = builder.fadd(total, builder.fpext(part, v8d))
+            builder.store(total, acc)
+        total = builder.load(acc)
+        # a tail past the last 16 columns, one column at a time
+        done = builder.mul(n16, ir.Constant(k.type, 16))
+        with cgutils.for_range(builder, builder.sub(k, done)) as loop:
+            col = builder.add(done, loop.index)
+            vals = []
+            for i in range(8):
+                v = builder.load(builder.gep(base, [builder.add(rows[i], col)]))
+                vals.append(builder.fpext(builder.fmul(v, v), f64))
+            vec = ir.Constant(v8d, None)
+            for i, v in enumerate(vals):
+                vec = builder.insert_element(vec, v, ir.Constant(i32, i))
+            builder.store(builder.fadd(builder.load(acc), vec), acc)
+        total = builder.load(acc)
+        return context.make_tuple(
+            builder, ret, [builder.extract_element(total, ir.Constant(i32, i)) for i in range(8)]
+        )
+
+    return sig, codegen
+
+
 @njit(cache=True)
 def rms_norm_8(x, t0, t1, weight, eps, out):
     """``kernels.rms_norm_rows`` on rows [t0, t1) (at most 8), bit for bit, with the rows' float64 sums of
-    squares interleaved: each sum is one sequential chain of adds (latency-bound); 8 chains run side by
-    side. One row alone goes straight to ``rms_norm_rows``."""
+    squares computed side by side (``sum_squares_8``: each sum is one sequential chain of adds, latency-bound
+    alone). One row alone goes straight to ``rms_norm_rows``."""
     if t1 - t0 == 1:
         rms_norm_rows(x[t0:t1], weight, eps, out[t0:t1])
         return
-    last = t1 - 1  # rows past the end repeat the last one (their sums are not used)
-    r0, r1, r2, r3 = t0, min(t0 + 1, last), min(t0 + 2, last), min(t0 + 3, last)
-    r4, r5, r6, r7 = min(t0 + 4, last), min(t0 + 5, last), min(t0 + 6, last), min(t0 + 7, last)
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    for j in range(x.shape[1]):
-        v0, v1, v2, v3 = x[r0, j], x[r1, j], x[r2, j], x[r3, j]
-        v4, v5, v6, v7 = x[r4, j], x[r5, j], x[r6, j], x[r7, j]
-        s0 += np.float64(v0 * v0)
-        s1 += np.float64(v1 * v1)
-        s2 += np.float64(v2 * v2)
-        s3 += np.float64(v3 * v3)
-        s4 += np.float64(v4 * v4)
-        s5 += np.float64(v5 * v5)
-        s6 += np.float64(v6 * v6)
-        s7 += np.float64(v7 * v7)
-    sums = (s0, s1, s2, s3, s4, s5, s6, s7)
+    k = x.shape[1]
+    sums = sum_squares_8(x.reshape(x.size), t0 * k, k, t1 - t0, k)
     for i in range(t1 - t0):
-        mean = np.float32(sums[i] / x.shape[1])
+        mean = np.float32(sums[i] / k)
         scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
-        for j in range(x.shape[1]):
+        for j in range(k):
             out[t0 + i, j] = (x[t0 + i, j] * scale) * weight[j]
 
 

@@ -2,6 +2,7 @@
 
 * ``kernels_q8k.quantize_q8k_rows_into`` (vectorised Q8_K quantizer + lane sums + token pairs) against
   ``kernels.quantize_q8k_rows``, ``lane_sums`` and the pair layout's definition;
+* ``fused.rms_norm_8`` (8 rows' sums of squares side by side) against ``kernels.rms_norm_rows``;
 * ``kernels_q8k.q8k_matmul`` (512-bit tiles on token pairs, leftovers one token at a time) against
   ``kernels.ternary_q8k_matmul`` for every token count of a few tiles and every kernel path;
 * ``kernels_attention`` 16-keys-at-a-time attention against the one-key-at-a-time twin, and both against
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import ORACLE, read_ids
 from ternary.engine import attention, cpu_features, kernels, simd
+from ternary.engine.fused import rms_norm_8
 from ternary.engine.kernels_attention import _attend_lanes, attend_head, attend_strided, compact_kv
 from ternary.engine.kernels_q8k import (
     PAIR_BLOCK_BYTES,
@@ -52,6 +54,19 @@ def awkward_rows(rng: np.random.Generator, n_tok: int, k: int) -> np.ndarray:
         blocks[2, -1, 0] = -1e30
         blocks[2, -1, 1] = 1e30
     return x
+
+
+@pytest.mark.parametrize("k", [256, 2560, 48, 17])
+def test_rms_norm_of_8_rows_side_by_side_is_bit_identical(k: int) -> None:
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((11, k)).astype(F32) * (10.0 ** rng.uniform(-20, 20, size=(11, 1))).astype(F32)
+    w = rng.standard_normal(k).astype(F32)
+    want = np.empty_like(x)
+    kernels.rms_norm_rows(x, w, 1e-5, want)
+    got = np.full_like(x, np.nan)
+    for t0, t1 in ((0, 8), (8, 9), (9, 11)):  # full, single and short row groups
+        rms_norm_8(x, t0, t1, w, 1e-5, got)
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
 
 
 def reference_pairs(xq, sums, xs):
