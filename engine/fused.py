@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from ternary.engine.attention import LANES
 from ternary.engine.attention import apply_rope as rope_rows
 from ternary.engine.kernels import quantize_per_token_rows, rms_norm_rows
-from ternary.engine.kernels_attention import attend_head, attend_strided, compact_kv
+from ternary.engine.kernels_attention import attend_head, attend_heads, compact_kv
 from ternary.engine.kernels_fast import activation_sums, planar_chunk_groups, planar_matmul_groups
 from ternary.engine.kernels_ffn import gate_rows
 from ternary.engine.kernels_q8k import LANES as Q8K_LANES
@@ -444,24 +444,27 @@ def forward_layers(
                 )  # fmt: skip
         kc = k_cache[il].reshape(k_cache[il].size)
         vc = v_cache[il].reshape(v_cache[il].size)
+        n_items = n_tok * (n_head_kv if compact else n_head)
         for _ in prange(n_threads):
-            scratch = np.empty(LANES * head_dim + 2 * (max_keys + LANES), dtype=np.float32)
+            scratch = np.empty(LANES * head_dim + group * (2 * (max_keys + LANES) + 1), dtype=np.float32)
             while True:
                 th = claim(counters, il * REGIONS + 1)
-                if th >= n_tok * n_head:
+                if th >= n_items:
                     break
                 # head-major: the heads of one KV head follow each other, causal work grows with t
-                hh = th // n_tok
                 t = th % n_tok
                 n_keys = positions[t] + 1
-                qo = t * n_q + hh * head_dim
-                if compact:
-                    off = (hh // group) * n_rows * head_dim
-                    attend_strided(
-                        q_flat, qo, k_flat, off, head_dim, v_flat, off, LANES, n_rows * LANES, n_keys,
+                if compact:  # the query heads of one KV head together
+                    kvh = th // n_tok
+                    qo = t * n_q + kvh * group * head_dim
+                    off = kvh * n_rows * head_dim
+                    attend_heads(
+                        q_flat, qo, group, k_flat, off, head_dim, v_flat, off, LANES, n_rows * LANES, n_keys,
                         head_dim, scale32, a_flat, qo, scratch,
                     )  # fmt: skip
                 else:
+                    hh = th // n_tok
+                    qo = t * n_q + hh * head_dim
                     kv_off = (slots[t] * n_ctx * n_head_kv + hh // group) * head_dim
                     attend_head(
                         q_flat, qo, kc, vc, kv_off, n_kv, n_keys, head_dim, scale32, a_flat, qo, scratch

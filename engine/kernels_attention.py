@@ -256,17 +256,18 @@ def _splat_i32(builder, value) -> ir.Value:
 
 
 @intrinsic
-def pv_columns16(typingctx, v, v_off, v_stride, n_keys, p, out, out_off):
+def pv_columns16(typingctx, v, v_off, v_stride, n_keys, p, p_off, out, out_off):
     """``out[out_off + e]`` for e < 16: tinyBLAS's V·p over keys 0..n_keys-1 (key j's row at ``v[v_off +
-    j·v_stride:]``, weight ``p[j]``; accumulator row j % 16 by FMA), then ``reduce_add_16`` over the rows."""
+    j·v_stride:]``, weight ``p[p_off + j]``; accumulator row j % 16 by FMA), then ``reduce_add_16`` over the
+    rows."""
     if not (_f32_vector(v) and _f32_vector(p) and _f32_vector(out)):
         return None
-    sig = types.none(v, types.intp, types.intp, types.intp, p, out, types.intp)
+    sig = types.none(v, types.intp, types.intp, types.intp, p, types.intp, out, types.intp)
 
     def codegen(context, builder, signature, args):
-        va, vo, vst, nk, pa, oa, oo = args
+        va, vo, vst, nk, pa, po, oa, oo = args
         i64 = vo.type
-        pdata = context.make_array(signature.args[4])(context, builder, pa).data
+        pdata = builder.gep(context.make_array(signature.args[4])(context, builder, pa).data, [po])
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16, None)) for _ in range(LANES)]
         full = builder.sdiv(nk, ir.Constant(i64, LANES))
         with cgutils.for_range(builder, full) as loop:
@@ -294,7 +295,7 @@ def pv_columns16(typingctx, v, v_off, v_stride, n_keys, p, out, out_off):
             for i in range(4)
         ]
         total = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
-        builder.store(total, _ptr(context, builder, signature.args[5], oa, oo), align=4)
+        builder.store(total, _ptr(context, builder, signature.args[6], oa, oo), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -354,31 +355,63 @@ def attend_strided(
     any layout: key j at ``k[k_off + j·k_stride:]``; element e of value j at ``v[v_off + (e // 16)·
     v_block_stride + j·v_stride + e % 16]`` (the cache's rows: ``v_stride`` = the row stride, blocks 16 apart;
     ``compact_kv``'s: 16, blocks ``16·n_rows`` apart)."""
+    attend_heads(
+        q, q_off, 1, k, k_off, k_stride, v, v_off, v_stride, v_block_stride, n_keys, head_dim, scale, out,
+        out_off, scratch,
+    )  # fmt: skip
+
+
+@njit(cache=True)
+def attend_heads(
+    q, q_off, n_heads, k, k_off, k_stride, v, v_off, v_stride, v_block_stride, n_keys, head_dim, scale, out,
+    out_off, scratch,
+):  # fmt: skip
+    """``attend_strided`` for ``n_heads`` query heads that share one KV head (GQA): head g at ``q[q_off +
+    g·head_dim:]``, its output at ``out[out_off + g·head_dim:]``. Each block of 16 keys, and each 16-column
+    block of V, is used by every head in turn while it is in L1 (the heads' own float operations unchanged).
+    ``scratch`` float32[≥ n_heads·(2·(n_keys + 16) + 1)]."""
     n_pad = (n_keys + LANES - 1) // LANES * LANES
-    scores = scratch[:n_pad]
-    p = scratch[n_pad : 2 * n_pad]
+    maxima = scratch[2 * n_heads * n_pad : 2 * n_heads * n_pad + n_heads]
+    maxima[:] = np.float32(-np.inf)
     steps = head_dim // VEC_DOT_STEP
     # (the usual head sizes get a constant step count: LLVM then unrolls each key's loop, 2.5x faster)
     if steps == 1:
-        vmax = _all_scores(q, q_off, k, k_off, k_stride, n_keys, 1, scale, scores)
+        _group_scores(
+            q, q_off, n_heads, k, k_off, k_stride, n_keys, head_dim, 1, scale, scratch, n_pad, maxima
+        )
     elif steps == 2:
-        vmax = _all_scores(q, q_off, k, k_off, k_stride, n_keys, 2, scale, scores)
+        _group_scores(
+            q, q_off, n_heads, k, k_off, k_stride, n_keys, head_dim, 2, scale, scratch, n_pad, maxima
+        )
     else:
-        vmax = _all_scores(q, q_off, k, k_off, k_stride, n_keys, steps, scale, scores)
-    softmax_scaled(scores, n_keys, vmax, p)
+        _group_scores(
+            q, q_off, n_heads, k, k_off, k_stride, n_keys, head_dim, steps, scale, scratch, n_pad, maxima
+        )
+    for g in range(n_heads):
+        p = scratch[(n_heads + g) * n_pad : (n_heads + g + 1) * n_pad]
+        softmax_scaled(scratch[g * n_pad : (g + 1) * n_pad], n_keys, maxima[g], p)
     for c in range(head_dim // LANES):
-        pv_columns16(v, v_off + c * v_block_stride, v_stride, n_keys, p, out, out_off + c * LANES)
+        for g in range(n_heads):
+            o = out_off + g * head_dim + c * LANES
+            pv_columns16(
+                v, v_off + c * v_block_stride, v_stride, n_keys, scratch, (n_heads + g) * n_pad, out, o
+            )
 
 
 @njit(cache=True, inline="always")
-def _all_scores(q, q_off, k, k_off, k_stride, n_keys, steps, scale, scores):
-    """``qk_scores16`` over keys 0..n_keys-1; returns the largest score."""
-    vmax = np.float32(-np.inf)
+def _group_scores(
+    q, q_off, n_heads, k, k_off, k_stride, n_keys, head_dim, steps, scale, scores, n_pad, maxima
+):
+    """``qk_scores16`` of every head over keys 0..n_keys-1 (head g's scores at ``scores[g·n_pad:]``), each
+    block of keys for all heads in turn; ``maxima[g]`` becomes head g's largest score."""
     for j0 in range(0, n_keys, LANES):
         n_valid = min(LANES, n_keys - j0)
-        m = qk_scores16(k, k_off + j0 * k_stride, k_stride, n_valid, q, q_off, steps, scale, scores, j0)
-        vmax = max(vmax, m)
-    return vmax
+        for g in range(n_heads):
+            m = qk_scores16(
+                k, k_off + j0 * k_stride, k_stride, n_valid, q, q_off + g * head_dim, steps, scale, scores,
+                g * n_pad + j0,
+            )  # fmt: skip
+            maxima[g] = max(maxima[g], m)
 
 
 @njit(cache=True)

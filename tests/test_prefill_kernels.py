@@ -17,7 +17,13 @@ import pytest
 from conftest import ORACLE, read_ids
 from ternary.engine import attention, cpu_features, kernels, simd
 from ternary.engine.fused import rms_norm_8
-from ternary.engine.kernels_attention import _attend_lanes, attend_head, attend_strided, compact_kv
+from ternary.engine.kernels_attention import (
+    _attend_lanes,
+    attend_head,
+    attend_heads,
+    attend_strided,
+    compact_kv,
+)
 from ternary.engine.kernels_q8k import (
     PAIR_BLOCK_BYTES,
     lane_sums,
@@ -178,6 +184,15 @@ def test_attention_16_keys_at_a_time_is_bit_identical(head_dim: int) -> None:
             for got in outs[1:]:
                 np.testing.assert_array_equal(got.view(np.int32), outs[0].view(np.int32))
             assert not np.isnan(outs[0][head_dim : 2 * head_dim]).any()
+            # both query heads on this KV head at once (GQA), against each alone
+            both, alone = np.empty(2 * head_dim, F32), np.empty(2 * head_dim, F32)
+            attend_heads(
+                q, 0, 2, rows, 0, head_dim, blocks, 0, 16, n_ctx * 16, n_keys, head_dim, F32(0.125), both, 0,
+                scratch,
+            )  # fmt: skip
+            for g in range(2):
+                attend_head(q, g * head_dim, *args, alone, g * head_dim, scratch)
+            np.testing.assert_array_equal(both.view(np.int32), alone.view(np.int32))
     # the reference: two heads, each on its own KV head, over a slot's cache
     want = np.empty((1, 2 * head_dim), F32)
     zero, pos = np.zeros(1, np.int32), np.array([40], np.int32)
