@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from ternary.engine.attention import LANES
 from ternary.engine.attention import apply_rope as rope_rows
 from ternary.engine.kernels import quantize_per_token_rows, rms_norm_rows
-from ternary.engine.kernels_attention import attend_head, attend_heads, compact_kv
+from ternary.engine.kernels_attention import attend_head, attend_heads, compact_kv, rope_neox_rows
 from ternary.engine.kernels_fast import activation_sums, planar_chunk_groups, planar_matmul_groups
 from ternary.engine.kernels_ffn import gate_rows
 from ternary.engine.kernels_q8k import LANES as Q8K_LANES
@@ -253,13 +253,17 @@ def _rope_store(t0, t1, q, k, v, rope, il, slots, positions, cache, heads):
     cos, sin, rope_dim, rope_neox = rope
     k_cache, v_cache = cache
     n_head, n_head_kv, head_dim = heads
-    rope_rows(q[t0:t1], cos[t0:t1], sin[t0:t1], n_head, head_dim, rope_dim, rope_neox)
-    rope_rows(k[t0:t1], cos[t0:t1], sin[t0:t1], n_head_kv, head_dim, rope_dim, rope_neox)
+    if rope_neox:
+        rope_neox_rows(q, t0, t1, cos, sin, n_head, head_dim, rope_dim)
+        rope_neox_rows(k, t0, t1, cos, sin, n_head_kv, head_dim, rope_dim)
+    else:
+        rope_rows(q[t0:t1], cos[t0:t1], sin[t0:t1], n_head, head_dim, rope_dim, rope_neox)
+        rope_rows(k[t0:t1], cos[t0:t1], sin[t0:t1], n_head_kv, head_dim, rope_dim, rope_neox)
     for t in range(t0, t1):
-        for kh in range(n_head_kv):
-            for e in range(head_dim):
-                k_cache[il, slots[t], positions[t], kh, e] = k[t, kh * head_dim + e]
-                v_cache[il, slots[t], positions[t], kh, e] = v[t, kh * head_dim + e]
+        k_row = k_cache[il, slots[t], positions[t]].reshape(k.shape[1])
+        v_row = v_cache[il, slots[t], positions[t]].reshape(v.shape[1])
+        k_row[:] = k[t]
+        v_row[:] = v[t]
 
 
 @njit(cache=True)

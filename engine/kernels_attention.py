@@ -415,6 +415,25 @@ def _group_scores(
 
 
 @njit(cache=True)
+def rope_neox_rows(x, t0, t1, cos, sin, n_head, head_dim, n_rot):
+    """``attention.apply_rope`` (NEOX pairs i, i + n_rot/2) on rows [t0, t1) of ``x`` float32[T,
+    n_head·head_dim], bit for bit, in loops LLVM vectorises (the pair style fixed, each half a slice)."""
+    half = n_rot // 2
+    for t in range(t0, t1):
+        c = cos[t]
+        s = sin[t]
+        row = x[t]
+        for h in range(n_head):
+            lo = row[h * head_dim : h * head_dim + half]
+            hi = row[h * head_dim + half : h * head_dim + n_rot]
+            for i in range(half):
+                x0 = lo[i]
+                x1 = hi[i]
+                lo[i] = fma_f32(x0, c[i], -(x1 * s[i]))
+                hi[i] = fma_f32(x0, s[i], x1 * c[i])
+
+
+@njit(cache=True)
 def compact_kv(k_cache, v_cache, slot, kv_head, r0, r1, k_rows, v_blocks):
     """Rows [r0, r1) of one slot's and KV head's cache (float32[n_slots, n_ctx, n_head_kv, head_dim]) into
     contiguous buffers: ``k_rows[j, e]`` (float32[n_rows, head_dim]) and ``v_blocks[e // 16, j, e % 16]``

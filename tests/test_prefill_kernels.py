@@ -7,6 +7,7 @@
   ``kernels.ternary_q8k_matmul`` for every token count of a few tiles and every kernel path;
 * ``kernels_attention`` 16-keys-at-a-time attention against the one-key-at-a-time twin, and both against
   ``attention.attention``;
+* ``kernels_attention.rope_neox_rows`` against ``attention.apply_rope``;
 * the fused forward's claimed work items: the same logits on one thread and two.
 """
 
@@ -23,6 +24,7 @@ from ternary.engine.kernels_attention import (
     attend_heads,
     attend_strided,
     compact_kv,
+    rope_neox_rows,
 )
 from ternary.engine.kernels_q8k import (
     PAIR_BLOCK_BYTES,
@@ -32,7 +34,7 @@ from ternary.engine.kernels_q8k import (
     q8k_matmul,
     quantize_q8k_rows_into,
 )
-from ternary.engine.model import load_transformer
+from ternary.engine.model import load_transformer, rope_tables
 from ternary.engine.planar import PlanarMatrix
 from ternary.formats.model_file import open_model
 
@@ -202,6 +204,20 @@ def test_attention_16_keys_at_a_time_is_bit_identical(head_dim: int) -> None:
         o = h * head_dim
         attend_head(q, o, k, v, o, stride, 41, head_dim, F32(0.125), got, o, scratch)
     np.testing.assert_array_equal(got, want[0])
+
+
+@pytest.mark.parametrize(("n_head", "head_dim", "n_rot"), [(20, 128, 128), (4, 64, 32), (2, 80, 80)])
+def test_neox_rope_rows_are_bit_identical(n_head: int, head_dim: int, n_rot: int) -> None:
+    rng = np.random.default_rng(head_dim + n_rot)
+    x = (rng.standard_normal((13, n_head * head_dim)) * 10).astype(F32)
+    cos, sin = rope_tables(rng.integers(0, 5000, 13).astype(np.int32), n_rot, 500000.0)
+    want = x.copy()
+    attention.apply_rope(want, cos, sin, n_head, head_dim, n_rot, True)
+    got = x.copy()
+    for t0 in range(0, 13, 8):
+        rope_neox_rows(got, t0, min(t0 + 8, 13), cos, sin, n_head, head_dim, n_rot)
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    assert not np.array_equal(got, x)
 
 
 def test_claimed_work_items_give_the_same_logits_on_two_threads() -> None:
