@@ -13,7 +13,7 @@ compute-bound: GOPS (2·N·K·T / s).
 
 Not collected by CI (``testpaths = tests``). Shapes: BitNet 2B4T's FFN, 2560×6912 (down: N=2560, K=6912) and
 6912×2560 (gate/up). Modes: ``per_token`` (one activation scale per token: the integer-only loop) and ``q8k``
-(llama.cpp's per-256 scales).
+(llama.cpp's per-256 scales and float order: ``kernels_q8k``, the engine's default).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit, prange
 from ternary.engine import cpu_features, simd
 from ternary.engine.kernels_fast import activation_sums, planar_matmul_summed
+from ternary.engine.kernels_q8k import lane_sums, q8k_matmul
 from ternary.engine.planar import PlanarMatrix, aligned_empty
 
 GEMV_SHAPES = ((2560, 6912), (6912, 2560))
@@ -118,13 +119,24 @@ class KernelCase:
         cols = 1 if mode == "per_token" else n_in // 256
         self.x_scale = rng.uniform(1e-3, 1e-2, size=(tokens, cols)).astype(np.float32)
         self.block_sums, self.token_sums = activation_sums(self.xq)
+        self.lane_sums = np.empty((tokens, n_in // 256, 8), np.int32)
+        lane_sums(self.xq, self.lane_sums)
+        self.mode = mode
         self.out = np.empty((tokens, n_out), np.float32)
         self._next = 0
 
     def __call__(self) -> None:
+        """The kernel the engine runs for the mode: the integer-only planar kernel (``per_token``), the
+        llama.cpp-order lane kernel (``q8k``)."""
         packed = self.packs[self._next]
         self._next = (self._next + 1) % len(self.packs)
         m = self.matrix
+        if self.mode == "q8k":
+            q8k_matmul(
+                self.isa, packed, m.group_scales, m.row_scales, m.group_uniform, m.n_out, self.xq,
+                self.lane_sums, self.x_scale, self.out,
+            )  # fmt: skip
+            return
         planar_matmul_summed(
             self.isa, packed, m.group_scales, m.row_scales, m.group_uniform, m.n_out,
             self.xq, self.block_sums, self.token_sums, self.x_scale, self.out,
