@@ -33,7 +33,13 @@ from numba.extending import intrinsic
 from ternary.engine.attention import LANES
 from ternary.engine.attention import apply_rope as rope_rows
 from ternary.engine.kernels import quantize_per_token_rows, rms_norm_rows
-from ternary.engine.kernels_attention import attend_head, attend_heads, compact_kv, rope_neox_rows
+from ternary.engine.kernels_attention import (
+    attend_head,
+    attend_heads,
+    blocked_head_dim,
+    compact_kv,
+    rope_neox_rows,
+)
 from ternary.engine.kernels_fast import activation_sums, planar_chunk_groups, planar_matmul_groups
 from ternary.engine.kernels_ffn import gate_rows
 from ternary.engine.kernels_q8k import LANES as Q8K_LANES
@@ -383,7 +389,7 @@ def forward_layers(
     act_f = _quantized(isa, q8k, n_tok, n_ff)
     counters = np.zeros(REGIONS * n_layer, dtype=np.int64)  # the next work item of every claimed region
     # prompt attention over contiguous copies of the keys (one slot, enough queries to pay for the copy)
-    compact = n_tok >= COMPACT_MIN_TOKENS and head_dim % (4 * LANES) == 0 and (slots == slots[0]).all()
+    compact = n_tok >= COMPACT_MIN_TOKENS and blocked_head_dim(head_dim) and (slots == slots[0]).all()
     max_keys = positions.max() + 1
     n_rows = max_keys if compact else 0
     n_row_blocks = -(-n_rows // COMPACT_ROWS)

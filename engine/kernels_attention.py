@@ -17,7 +17,7 @@ matmuls of a small model's decode step. The intrinsics here emit the same float 
 
 ``softmax16`` is ``attention.softmax_weights`` with a vectorisable ``expf`` (``kernels_ffn``), and
 ``attend_head`` combines them into one (token, head) of causal attention over a slot's cache rows (16 keys
-at a time where ``head_dim`` is a multiple of 64, else one key at a time).
+at a time where ``head_dim`` is 64 or 128, else one key at a time).
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def attend_head(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out,
     ``q``, ``k``, ``v``, ``out``: flat float32 arrays; key j of this head is ``k[kv_off + j·kv_stride :
     + head_dim]`` (same for ``v``); ``scratch`` float32[≥ 16·head_dim + 2·(n_keys + 16)].
     """
-    if head_dim % VEC_DOT_STEP == 0:
+    if blocked_head_dim(head_dim):
         attend_strided(
             q, q_off, k, kv_off, kv_stride, v, kv_off, kv_stride, LANES, n_keys, head_dim, scale, out,
             out_off, scratch,
@@ -347,13 +347,20 @@ def attend_head(q, q_off, k, v, kv_off, kv_stride, n_keys, head_dim, scale, out,
 
 
 @njit(cache=True)
+def blocked_head_dim(head_dim):
+    """Head sizes the 16-keys-at-a-time kernels serve: 64 and 128 (one or two ``vec_dot_main`` steps, each
+    unrolled); others take the one-key-at-a-time path."""
+    return head_dim == VEC_DOT_STEP or head_dim == 2 * VEC_DOT_STEP
+
+
+@njit(cache=True)
 def attend_strided(
     q, q_off, k, k_off, k_stride, v, v_off, v_stride, v_block_stride, n_keys, head_dim, scale, out, out_off,
     scratch,
 ):  # fmt: skip
-    """``attend_head`` 16 keys at a time (``head_dim`` a multiple of 64: no tail past ``vec_dot_main``) over
-    any layout: key j at ``k[k_off + j·k_stride:]``; element e of value j at ``v[v_off + (e // 16)·
-    v_block_stride + j·v_stride + e % 16]`` (the cache's rows: ``v_stride`` = the row stride, blocks 16 apart;
+    """``attend_head`` 16 keys at a time (``head_dim`` 64 or 128: ``blocked_head_dim``) over any layout:
+    key j at ``k[k_off + j·k_stride:]``; element e of value j at ``v[v_off + (e // 16)·v_block_stride +
+    j·v_stride + e % 16]`` (the cache's rows: ``v_stride`` = the row stride, blocks 16 apart;
     ``compact_kv``'s: 16, blocks ``16·n_rows`` apart)."""
     attend_heads(
         q, q_off, 1, k, k_off, k_stride, v, v_off, v_stride, v_block_stride, n_keys, head_dim, scale, out,
@@ -373,19 +380,14 @@ def attend_heads(
     n_pad = (n_keys + LANES - 1) // LANES * LANES
     maxima = scratch[2 * n_heads * n_pad : 2 * n_heads * n_pad + n_heads]
     maxima[:] = np.float32(-np.inf)
-    steps = head_dim // VEC_DOT_STEP
-    # (the usual head sizes get a constant step count: LLVM then unrolls each key's loop, 2.5x faster)
-    if steps == 1:
+    # a constant step count: LLVM unrolls each key's loop (2.5x faster than a loop over steps)
+    if head_dim == VEC_DOT_STEP:
         _group_scores(
             q, q_off, n_heads, k, k_off, k_stride, n_keys, head_dim, 1, scale, scratch, n_pad, maxima
         )
-    elif steps == 2:
-        _group_scores(
-            q, q_off, n_heads, k, k_off, k_stride, n_keys, head_dim, 2, scale, scratch, n_pad, maxima
-        )
     else:
         _group_scores(
-            q, q_off, n_heads, k, k_off, k_stride, n_keys, head_dim, steps, scale, scratch, n_pad, maxima
+            q, q_off, n_heads, k, k_off, k_stride, n_keys, head_dim, 2, scale, scratch, n_pad, maxima
         )
     for g in range(n_heads):
         p = scratch[(n_heads + g) * n_pad : (n_heads + g + 1) * n_pad]

@@ -322,25 +322,20 @@ def pair_layout(xq, sums, x_scale, t0, t1, mixed, neg_sums, pair_scales):
     """Fill pairs [t0/2, t1/2) (t0 even; an odd last token is left out) of the pair layout from ``xq``
     int8[T, K], ``sums`` (``lane_sums``) and ``x_scale`` float32[T, K/256]: ``mixed`` int8[T/2, 2K],
     ``neg_sums`` int32[T/2, K/256, 16], ``pair_scales`` float32[T/2, K/256, 16]."""
-    nb = xq.shape[1] // BLOCK
+    k = xq.shape[1]
+    nb = k // BLOCK
+    qf = xq.reshape(xq.size)
+    mf = mixed.reshape(mixed.size)
     for p in range(t0 // 2, t1 // 2):
-        a = xq[2 * p]
-        b = xq[2 * p + 1]
-        row = mixed[p]
-        for blk in range(nb):
-            for s in range(4):
-                src = blk * BLOCK + s * ROW_BLOCK_BYTES
-                dst = blk * PAIR_BLOCK_BYTES + s * 2 * ROW_BLOCK_BYTES
-                half = ROW_BLOCK_BYTES // 2
-                row[dst : dst + half] = a[src : src + half]
-                row[dst + half : dst + 2 * half] = b[src + half : src + 2 * half]
-                row[dst + 2 * half : dst + 3 * half] = b[src : src + half]
-                row[dst + 3 * half : dst + 4 * half] = a[src + half : src + 2 * half]
+        for b in range(nb):
+            mix_pair_block(
+                qf, 2 * p * k + b * BLOCK, (2 * p + 1) * k + b * BLOCK, mf, 2 * p * k + b * PAIR_BLOCK_BYTES
+            )
             for j in range(LANES):
-                neg_sums[p, blk, j] = -sums[2 * p, blk, j]
-                neg_sums[p, blk, LANES + j] = -sums[2 * p + 1, blk, j]
-                pair_scales[p, blk, j] = x_scale[2 * p, blk]
-                pair_scales[p, blk, LANES + j] = x_scale[2 * p + 1, blk]
+                neg_sums[p, b, j] = -sums[2 * p, b, j]
+                neg_sums[p, b, LANES + j] = -sums[2 * p + 1, b, j]
+                pair_scales[p, b, j] = x_scale[2 * p, b]
+                pair_scales[p, b, LANES + j] = x_scale[2 * p + 1, b]
 
 
 def _pairs(isa: IsaType) -> bool:
@@ -725,21 +720,7 @@ def quantize_q8k_rows_into(x, t0, t1, xq, x_scale, sums, mixed, neg_sums, pair_s
             quantize_block(xf, off, iscale, qf, off, sf, (t * nb + b) * LANES)
             x_scale[t, b] = np.float32(1.0) / iscale
     if pairs:
-        mf = mixed.reshape(mixed.size)
-        for p in range(t0 // 2, t1 // 2):
-            for b in range(nb):
-                mix_pair_block(
-                    qf,
-                    2 * p * k + b * BLOCK,
-                    (2 * p + 1) * k + b * BLOCK,
-                    mf,
-                    p * 2 * k + b * PAIR_BLOCK_BYTES,
-                )
-                for j in range(LANES):
-                    neg_sums[p, b, j] = -sums[2 * p, b, j]
-                    neg_sums[p, b, LANES + j] = -sums[2 * p + 1, b, j]
-                    pair_scales[p, b, j] = x_scale[2 * p, b]
-                    pair_scales[p, b, LANES + j] = x_scale[2 * p + 1, b]
+        pair_layout(xq, sums, x_scale, t0, t1, mixed, neg_sums, pair_scales)
 
 
 # ---------------------------------------------------------------- generic path: scalar, one token
