@@ -7,11 +7,16 @@ activation applied right there), RoPE, the KV-cache write, attention, sub-norms,
 residuals. The same code serves a one-token decode, a batch of decodes from several slots and a prompt
 (the matmuls then run the register-tile GEMM path of the planar kernels).
 
+Threads claim the work items of the matmul and attention regions as they go (``claim``: an atomic counter
+per region), so a thread the machine stalls costs the others an item, not its whole share. A prompt of one
+slot attends over contiguous copies of its keys (``kernels_attention.compact_kv``, once per layer), the query
+heads of each KV head in one item (``attend_heads``).
+
 Float order is the one of the step-by-step ``model.Transformer``, operation for operation (where this module
-runs a faster twin (``rms_norm_8``, ``kernels_attention.attend_head``, ``kernels_ffn.gate_rows``) the twin
-is tested bit-identical), so in ``q8k`` mode the logits are bit-identical to the reference layout
-(``kernels_q8k`` keeps llama.cpp's TQ × Q8_K lane order); ``per_token`` activations take the integer-only
-planar kernels.
+runs a faster twin (``rms_norm_8``, ``kernels_attention.attend_head``/``attend_heads``/``rope_neox_rows``,
+``kernels_ffn.gate_rows``, ``kernels_q8k.quantize_q8k_rows_into``) the twin is tested bit-identical), so in
+``q8k`` mode the logits are bit-identical to the reference layout (``kernels_q8k`` keeps llama.cpp's TQ × Q8_K
+lane order); ``per_token`` activations take the integer-only planar kernels.
 
 Weights come as ``StackedLinear`` tuples: the planar arrays of one linear for every layer stacked on a leading
 layer axis (``(packed uint8[L, B], group_scales float32[L, G, K/256, 4], row_scales float32[L, 4G],
