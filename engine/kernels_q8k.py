@@ -858,19 +858,6 @@ def _lane_tiles(isa, g0, g1, t0, t1, packed, scales, row_scales, group_uniform, 
 
 
 @njit(cache=True)
-def q8k_activations(isa, xq, x_scale):
-    """What the q8k kernels read besides ``xq`` and ``x_scale``: ``(sums, mixed, neg_sums, pair_scales)``
-    (``lane_sums``, and the pair layout where ``isa``'s prompt tiles use it; empty otherwise)."""
-    n_tok, k = xq.shape
-    sums = np.empty((n_tok, k // BLOCK, LANES), dtype=np.int32)
-    lane_sums(xq, sums)
-    mixed, neg_sums, pair_scales = pair_buffers(isa, n_tok, k)
-    if uses_pairs(isa):
-        pair_layout(xq, sums, x_scale, 0, n_tok, mixed, neg_sums, pair_scales)
-    return sums, mixed, neg_sums, pair_scales
-
-
-@njit(cache=True)
 def pair_buffers(isa, n_tok, k):
     """Uninitialised ``(mixed, neg_sums, pair_scales)`` for ``n_tok`` tokens (no pairs where ``isa`` does not
     use them)."""
